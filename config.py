@@ -1,0 +1,120 @@
+"""Every hyperparameter and path, in one place.
+
+Edit the defaults below to change what `python train.py` does, or override any
+field for one run from the command line: `--lr 0.05`, `--data-dir ../shared/data`,
+`--no-nesterov`. The flags are generated from these fields, so there is no second
+list of defaults, and every value is checked before any work starts.
+"""
+import argparse
+import difflib
+import math
+from dataclasses import MISSING, asdict, dataclass, field, fields
+
+
+class UserError(Exception):
+    """A mistake the user can fix. Entry points print it as one line, without a traceback."""
+
+
+def opt(default, help, choices=None, low=None, high=None, positive=False):
+    """A config field: its default, a one-line help text, and the values it allows."""
+    return field(default=default, metadata=dict(help=help, choices=choices, low=low, high=high, positive=positive))
+
+
+@dataclass
+class Config:
+    # --- data ---
+    data_dir: str = opt("data", "folder that holds MNIST/raw/; torchvision downloads the data there if it is missing")
+    download: bool = opt(True, "download MNIST into data_dir when it is missing (--no-download to only read)")
+    val_size: int = opt(5000, "training images held out for validation (0 to 59999)", low=0, high=59999)
+    split_seed: int = opt(0, "seed of the train/validation split; fixed so every run validates on the same images", low=0)
+
+    # --- model ---
+    model: str = opt("cnn", "network to train: the post's two-conv 'cnn' or the fully connected 'fcnn'", choices=("cnn", "fcnn"))
+    fcnn_hidden: int = opt(256, "hidden units of the fcnn baseline (784 -> hidden -> 10)", positive=True)
+
+    # --- optimisation ---
+    epochs: int = opt(6, "passes over the training split", positive=True)
+    batch_size: int = opt(128, "training batch size", positive=True)
+    eval_batch_size: int = opt(2000, "batch size for validation and test; only memory and speed depend on it", positive=True)
+    lr: float = opt(0.1, "peak learning rate of SGD", positive=True)
+    momentum: float = opt(0.9, "SGD momentum (0 for plain SGD)", low=0.0, high=0.999)
+    nesterov: bool = opt(True, "use Nesterov momentum (needs momentum > 0)")
+    weight_decay: float = opt(5e-4, "L2 penalty applied by SGD", low=0.0)
+    schedule: str = opt("onecycle", "'onecycle': linear warm-up to lr, then linear decay to 0; 'constant': lr throughout", choices=("onecycle", "constant"))
+    warmup: float = opt(0.2, "fraction of all steps spent warming up (onecycle only)", low=0.0, high=1.0)
+
+    # --- run ---
+    seed: int = opt(0, "seed for weight initialisation and batch order; same seed, same weights on CPU", low=0)
+    device: str = opt("auto", "'auto' picks cuda, then mps, then cpu", choices=("auto", "cpu", "cuda", "mps"))
+    amp: bool = opt(False, "bfloat16/float16 mixed precision (CUDA only)")
+    compile: bool = opt(False, "torch.compile the model (first epoch pays the compile time)")
+    out_dir: str = opt("runs", "folder for best.pt, last.pt, metrics.json and curves.png")
+    resume: bool = opt(False, "continue the run saved in out_dir/last.pt")
+
+
+def check(cfg: Config) -> Config:
+    """Check every field's type and range, coercing ints to floats; raise UserError naming the first bad one."""
+    for f in fields(cfg):
+        value, meta, kind = getattr(cfg, f.name), f.metadata, f.type
+        where = f"{f.name} (--{flag(f.name)})"
+        if kind is float and type(value) is int:
+            value = float(value)
+            setattr(cfg, f.name, value)
+        if type(value) is not kind:
+            raise UserError(f"{where} must be a {kind.__name__}, got {value!r}")
+        if meta["choices"] and value not in meta["choices"]:
+            raise UserError(f"{where} must be one of {', '.join(meta['choices'])}; got {value!r}")
+        if kind is float and not math.isfinite(value):
+            raise UserError(f"{where} must be a finite number, got {value!r}")
+        if meta["positive"] and not value > 0:
+            raise UserError(f"{where} must be > 0, got {value!r}")
+        if meta["low"] is not None and value < meta["low"]:
+            raise UserError(f"{where} must be >= {meta['low']}, got {value!r}")
+        if meta["high"] is not None and value > meta["high"]:
+            raise UserError(f"{where} must be <= {meta['high']}, got {value!r}")
+    if cfg.nesterov and cfg.momentum == 0:
+        raise UserError("nesterov needs momentum > 0: pass --momentum 0.9 or --no-nesterov")
+    return cfg
+
+
+def flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _parse_value(kind, text: str, name: str):
+    try:
+        return kind(text)
+    except ValueError:
+        raise UserError(f"--{flag(name)} takes a {kind.__name__}, got {text!r}") from None
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse would print usage and exit; we want one line
+        raise UserError(message)
+
+
+def parse_args(argv=None, base: Config | None = None) -> Config:
+    """Build a Config from the defaults above (or `base`) and command-line overrides, then check it."""
+    base = base or Config()
+    parser = _Parser(description="Train a CNN (or the FCNN baseline) on MNIST.", allow_abbrev=False)
+    for f in fields(Config):
+        help = f"{f.metadata['help']} (default: {getattr(base, f.name)})"
+        if f.type is bool:
+            parser.add_argument(f"--{flag(f.name)}", action=argparse.BooleanOptionalAction, default=MISSING, help=help)
+        else:
+            parser.add_argument(f"--{flag(f.name)}", default=MISSING, metavar=f.type.__name__.upper(), help=help)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        valid = [f"--{flag(f.name)}" for f in fields(Config)]
+        bad = unknown[0].split("=")[0]
+        if not bad.startswith("-"):
+            raise UserError(f"unexpected argument {bad!r}; every setting is a flag such as --epochs 3 (see --help)")
+        close = difflib.get_close_matches(bad, valid, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise UserError(f"unknown option {bad}{hint}; valid options: {' '.join(valid)}")
+    values = asdict(base)
+    for f in fields(Config):
+        given = getattr(args, f.name)
+        if given is not MISSING:
+            values[f.name] = given if f.type is bool else _parse_value(f.type, given, f.name)
+    return check(Config(**values))

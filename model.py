@@ -1,0 +1,173 @@
+"""The networks, the one checkpoint loader, and predict() for notebooks.
+
+    from model import load_checkpoint, predict
+    model, ckpt = load_checkpoint("runs/best.pt")      # eval mode, on CPU
+    classes, probs = predict(model, images)             # PIL images, uint8 arrays or tensors
+"""
+import io
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from config import UserError
+from data import normalize
+
+
+class CNN(nn.Module):
+    """The reference post's network: two conv stages, then one linear layer. 8,490 parameters."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 10, kernel_size=5)
+        self.conv2 = nn.Conv2d(10, 20, kernel_size=5)
+        self.fc = nn.Linear(320, 10)
+
+    def forward(self, x):                                # (B, 1, 28, 28)
+        x = F.relu(F.max_pool2d(self.conv1(x), 2))      # (B, 10, 12, 12)
+        x = F.relu(F.max_pool2d(self.conv2(x), 2))      # (B, 20, 4, 4)
+        return self.fc(x.flatten(1))                     # (B, 10) logits
+
+
+class FCNN(nn.Module):
+    """The fully connected baseline: every pixel gets a weight to every hidden unit."""
+
+    def __init__(self, hidden: int = 256):
+        super().__init__()
+        self.fc1 = nn.Linear(28 * 28, hidden)
+        self.fc2 = nn.Linear(hidden, 10)
+
+    def forward(self, x):                                # (B, 1, 28, 28)
+        return self.fc2(F.relu(self.fc1(x.flatten(1))))  # (B, 10) logits
+
+
+MODELS = {"cnn": CNN, "fcnn": FCNN}
+
+
+def build_model(name: str, **model_args) -> nn.Module:
+    """A fresh model by name, as config.model spells it."""
+    if name not in MODELS:
+        raise UserError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    return MODELS[name](**model_args)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# --- checkpoints -----------------------------------------------------------------
+
+def to_cpu(value):
+    """A copy of a (nested) state dict with every tensor on the CPU, so the file loads on any machine."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_cpu(v) for v in value)
+    return value
+
+
+def atomic_write(path, data: bytes) -> None:
+    """Replace `path` with `data` so that a crash at any moment leaves either the old file or the new one.
+
+    The bytes go to a temporary file in the same folder, are flushed to disk, and only then renamed
+    over `path`; a rename within one file system is atomic.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable; not every platform can open a folder
+        fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(ckpt: dict, path) -> None:
+    """Write a checkpoint dict atomically, with every tensor moved to the CPU."""
+    buffer = io.BytesIO()
+    torch.save(to_cpu(ckpt), buffer)
+    try:
+        atomic_write(path, buffer.getvalue())
+    except OSError as e:
+        raise UserError(f"could not save {path}: {e.strerror or e}; the previous file is unchanged") from None
+
+
+def read_checkpoint(path, device="cpu") -> dict:
+    """The checkpoint dict at `path`, loaded with weights_only=True so that no code in the file can run."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no checkpoint at {path}; train one with `python train.py` or check the path")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise UserError(f"refused to load {path}: it holds Python objects that could run code, not just tensors and plain values") from None
+        raise UserError(f"{path} is not a readable checkpoint ({str(e).splitlines()[0]})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path} is not a readable checkpoint: truncated or not a torch file ({first})") from None
+    if not isinstance(ckpt, dict) or not {"model", "model_name", "model_args"} <= ckpt.keys():
+        raise UserError(f"{path} is a torch file but not a checkpoint of this project (no model, model_name, model_args)")
+    return ckpt
+
+
+def load_checkpoint(path, device="cpu") -> tuple[nn.Module, dict]:
+    """Rebuild the model saved at `path`; return it on `device` in eval mode, with the checkpoint dict."""
+    ckpt = read_checkpoint(path, device)
+    model = build_model(ckpt["model_name"], **ckpt["model_args"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        detail = " ".join(str(e).split())
+        raise UserError(f"the weights in {path} do not fit a {ckpt['model_name']} model ({detail[:200]})") from None
+    return model.to(device).eval(), ckpt
+
+
+# --- inference ---------------------------------------------------------------------
+
+def _as_uint8_batch(images) -> torch.Tensor:
+    """PIL image(s), uint8 array(s) or tensor(s) of 28x28 digits -> uint8 tensor (N, 28, 28)."""
+    if isinstance(images, (list, tuple)):
+        return torch.cat([_as_uint8_batch(image) for image in images])
+    if hasattr(images, "convert"):  # a PIL image, in any mode
+        images = np.asarray(images.convert("L"))
+    if isinstance(images, np.ndarray):
+        images = torch.from_numpy(np.ascontiguousarray(images))
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"predict() takes PIL images, numpy arrays or tensors, not {type(images).__name__}")
+    if images.is_floating_point():  # floats are taken to be in [0, 1], as ToTensor gives them
+        images = (images.clamp(0, 1) * 255).round().to(torch.uint8)
+    if images.dtype != torch.uint8:
+        raise TypeError(f"predict() takes uint8 pixels (0-255) or floats in [0, 1], not {images.dtype}")
+    if images.shape[-2:] != (28, 28) or images.dim() > 4 or (images.dim() == 4 and images.shape[1] != 1):
+        raise ValueError(f"predict() takes 28x28 digits, one or a batch, not shape {tuple(images.shape)}")
+    return images.reshape(-1, 28, 28)
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, images, batch_size: int = 2000) -> tuple[torch.Tensor, torch.Tensor]:
+    """Classify digits, light on dark like MNIST. Returns (classes (N,), probabilities (N, 10)) on the CPU."""
+    pixels = _as_uint8_batch(images)
+    device = next(model.parameters()).device
+    probs = torch.cat([
+        F.softmax(model(normalize(pixels[i:i + batch_size].to(device))).float(), dim=1).cpu()
+        for i in range(0, len(pixels), batch_size)
+    ])
+    return probs.argmax(dim=1), probs

@@ -1,0 +1,300 @@
+"""Train the CNN (or the FCNN baseline) on MNIST.
+
+    python train.py                                   # defaults from config.py
+    python train.py --epochs 3 --lr 0.05 --out-dir runs/exp1
+    python train.py --out-dir runs/exp1 --resume      # continue an interrupted run
+
+Reads top to bottom in the order it runs: config, output folder, device, seed, data,
+model and SGD, the epoch loop (validation and checkpoints every epoch), then one test
+evaluation of the best model.
+"""
+import json
+import math
+import signal
+import sys
+import time
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import config
+from config import Config, UserError
+from data import MNIST_MEAN, MNIST_STD, MNISTData, epoch_order, load_splits
+from model import atomic_write, build_model, count_parameters, load_checkpoint, save_checkpoint
+
+# Settings that --resume may change: they say where things are, how far to go, or how fast,
+# not what is learned. Any other difference from the saved run is refused.
+RESUMABLE_CHANGES = {"data_dir", "download", "out_dir", "epochs", "eval_batch_size", "device", "compile", "resume"}
+
+
+# oneDNN runs this CNN's small convolutions ~1.3x faster on CPU with channels-last tensors
+# (benchmarks/speed.py); on CUDA it is neutral for the model and free for the data.
+MEMORY_FORMAT = torch.channels_last
+
+
+class Diverged(UserError):
+    pass
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("device cuda was asked for, but torch sees no CUDA GPU; use --device auto or --device cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("device mps was asked for, but this torch has no Apple MPS; use --device auto or --device cpu")
+    return torch.device(name)
+
+
+def prepare_out_dir(path: str) -> Path:
+    """Create the output folder and prove it is writable now, not after the first epoch."""
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write to out dir {out} ({e.strerror}); pass --out-dir with a writable folder") from None
+    return out
+
+
+def resume_config(saved: dict, argv) -> Config:
+    """The saved run's config with this command line's flags on top; refuse flags that would change what is learned."""
+    try:
+        base = config.check(Config(**saved))
+    except (TypeError, UserError) as e:
+        raise UserError(f"last.pt holds a config this version cannot use ({e}); train into a new --out-dir") from None
+    cfg = config.parse_args(argv, base=base)
+    changed = [f.name for f in fields(Config)
+               if f.name not in RESUMABLE_CHANGES and getattr(cfg, f.name) != getattr(base, f.name)]
+    if changed:
+        diffs = ", ".join(f"{n} {getattr(base, n)!r} -> {getattr(cfg, n)!r}" for n in changed)
+        raise UserError(f"cannot resume: the saved run differs in {diffs}; drop those flags, or train into a new --out-dir")
+    return cfg
+
+
+def lr_factor(step: int, total_steps: int, schedule: str, warmup: float) -> float:
+    """The fraction of the peak learning rate to use at optimiser step `step`."""
+    if schedule == "constant":
+        return 1.0
+    warm = max(1, round(warmup * total_steps))
+    if step < warm:
+        return (step + 1) / warm
+    return max(0.0, (total_steps - step) / max(1, total_steps - warm))
+
+
+def model_args(cfg: Config) -> dict:
+    return {"hidden": cfg.fcnn_hidden} if cfg.model == "fcnn" else {}
+
+
+@torch.inference_mode()
+def evaluate(model, split: MNISTData, batch_size: int) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of `model` on a split."""
+    model.eval()
+    loss = torch.zeros((), device=split.labels.device)
+    correct = torch.zeros((), dtype=torch.long, device=split.labels.device)
+    for images, labels in split.batches(batch_size):
+        logits = model(images.contiguous(memory_format=MEMORY_FORMAT)).float()
+        loss += F.cross_entropy(logits, labels, reduction="sum")
+        correct += (logits.argmax(dim=1) == labels).sum()
+    return loss.item() / len(split), correct.item() / len(split)
+
+
+def train_epoch(model, optimizer, scheduler, scaler, split, cfg, epoch, progress, stop_requested) -> dict:
+    """Run one epoch from batch progress["step"] on, stopping early when stop_requested(); return the new progress."""
+    model.train()
+    device = split.labels.device
+    order = epoch_order(len(split), cfg.seed, epoch, device)
+    steps = math.ceil(len(split) / cfg.batch_size)
+    # Running sums stay on the device, so the loop does not wait for the GPU at every step.
+    loss_sum = torch.tensor(progress["loss_sum"], device=device)
+    correct = torch.tensor(progress["correct"], device=device)
+    seen, step = progress["seen"], progress["step"]
+    bar = tqdm(total=steps, initial=step, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=None)
+    for images, labels in split.batches(cfg.batch_size, order, start=step):
+        with torch.autocast(device.type, dtype=amp_dtype(device), enabled=cfg.amp):
+            logits = model(images.contiguous(memory_format=MEMORY_FORMAT))
+            loss = F.cross_entropy(logits.float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        loss_sum += loss.detach() * len(labels)
+        correct += (logits.argmax(dim=1) == labels).sum()
+        seen, step = seen + len(labels), step + 1
+        bar.update()
+        if step % 25 == 0 or step == steps:
+            check_finite(loss_sum, epoch)
+            bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.2%}",
+                            lr=f"{scheduler.get_last_lr()[0]:.4f}")
+        if stop_requested():
+            break
+    bar.close()
+    check_finite(loss_sum, epoch)
+    return {"step": step, "loss_sum": loss_sum.item(), "correct": int(correct.item()), "seen": seen}
+
+
+def check_finite(loss_sum: torch.Tensor, epoch: int) -> None:
+    if not torch.isfinite(loss_sum):
+        raise Diverged(f"training diverged in epoch {epoch + 1} (loss is NaN or inf), most likely the learning rate is "
+                       f"too high; try a smaller --lr. The checkpoints from before are untouched")
+
+
+def amp_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 where the GPU has it (no loss scaling needed), float16 otherwise."""
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+def sigint_flag():
+    """After the first Ctrl-C the loop finishes its step, saves, and exits; a second Ctrl-C quits at once."""
+    requested = []
+
+    def handler(signum, frame):
+        if requested:
+            raise KeyboardInterrupt
+        requested.append(signum)
+        tqdm.write("stopping after this step to save last.pt (Ctrl-C again to quit without saving)", file=sys.stderr)
+
+    signal.signal(signal.SIGINT, handler)
+    return lambda: bool(requested)
+
+
+def train(cfg: Config, resumed=None) -> int:
+    out_dir = prepare_out_dir(cfg.out_dir)
+    device = pick_device(cfg.device)
+    if cfg.amp and device.type != "cuda":
+        raise UserError(f"--amp needs a CUDA GPU, and this run is on {device.type}; drop --amp")
+    print("config: " + " ".join(f"{k}={v}" for k, v in asdict(cfg).items()))
+    torch.manual_seed(cfg.seed)
+
+    splits = {name: split.to(device) for name, split in
+              load_splits(cfg.data_dir, cfg.val_size, cfg.split_seed, cfg.download).items()}
+    print(f"data: {len(splits['train'])} train, {len(splits['val'])} val, {len(splits['test'])} test images on {device}")
+
+    model = (resumed[0] if resumed else build_model(cfg.model, **model_args(cfg))).to(device)
+    model = model.to(memory_format=MEMORY_FORMAT)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+    total_steps = cfg.epochs * math.ceil(len(splits["train"]) / cfg.batch_size)
+    factor = lambda step: lr_factor(step, total_steps, cfg.schedule, cfg.warmup)  # noqa: E731
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and amp_dtype(device) == torch.float16)
+    run = {"epoch": 0, "epoch_progress": new_progress(), "history": [], "best_epoch": 0, "best_val_acc": -1.0}
+    if resumed:
+        ckpt = resumed[1]
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        torch.set_rng_state(ckpt["rng"].cpu())
+        for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):  # --epochs may have stretched the schedule
+            group["lr"] = base_lr * factor(scheduler.last_epoch)
+        run = {key: ckpt[key] for key in run}
+        print(f"resuming from {out_dir / 'last.pt'}: epoch {run['epoch'] + 1}, step {run['epoch_progress']['step']}")
+    net = torch.compile(model) if cfg.compile else model  # checkpoints are saved from `model`, never the compiled wrapper
+    print(f"model: {cfg.model}, {count_parameters(model):,} parameters")
+
+    def checkpoint() -> dict:
+        return {
+            "model": model.state_dict(), "model_name": cfg.model, "model_args": model_args(cfg),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+            "config": asdict(cfg), **run, "normalization": {"mean": MNIST_MEAN, "std": MNIST_STD},
+            "torch_version": str(torch.__version__), "rng": torch.get_rng_state(),
+        }
+
+    stop_requested = sigint_flag()
+    print_header()
+    for epoch in range(run["epoch"], cfg.epochs):
+        start = time.perf_counter()
+        progress = train_epoch(net, optimizer, scheduler, scaler, splits["train"], cfg, epoch,
+                               run["epoch_progress"], stop_requested)
+        if progress["seen"] < len(splits["train"]):  # stopped mid-epoch: save exactly where we are
+            run["epoch_progress"] = progress
+            save_checkpoint(checkpoint(), out_dir / "last.pt")
+            return interrupted(cfg)
+        val_loss, val_acc = evaluate(net, splits["val"], cfg.eval_batch_size)
+        run["history"].append({
+            "epoch": epoch + 1, "train_loss": progress["loss_sum"] / progress["seen"],
+            "train_acc": progress["correct"] / progress["seen"], "val_loss": val_loss, "val_acc": val_acc,
+            "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - start,
+        })
+        run["epoch"], run["epoch_progress"] = epoch + 1, new_progress()
+        if val_acc > run["best_val_acc"]:
+            run["best_epoch"], run["best_val_acc"] = epoch + 1, val_acc
+            save_checkpoint(checkpoint(), out_dir / "best.pt")
+        save_checkpoint(checkpoint(), out_dir / "last.pt")
+        print_row(run["history"][-1], best=run["best_epoch"] == epoch + 1)
+        write_metrics(out_dir, run)
+        if stop_requested():
+            return interrupted(cfg)
+
+    # One look at the test set, with the model that did best on validation.
+    best, best_ckpt = load_checkpoint(out_dir / "best.pt", device)
+    test_loss, test_acc = evaluate(best, splits["test"], cfg.eval_batch_size)
+    best_ckpt.update(test_loss=test_loss, test_acc=test_acc)
+    save_checkpoint(best_ckpt, out_dir / "best.pt")
+    write_metrics(out_dir, {**run, "test_loss": test_loss, "test_acc": test_acc})
+    print(f"test: loss {test_loss:.4f}, accuracy {test_acc:.2%} (best.pt, epoch {run['best_epoch']}, "
+          f"val {run['best_val_acc']:.2%}); saved in {out_dir}/")
+    return 0
+
+
+def new_progress() -> dict:
+    return {"step": 0, "loss_sum": 0.0, "correct": 0, "seen": 0}
+
+
+def interrupted(cfg: Config) -> int:
+    print(f"interrupted; last.pt is saved. To continue: python train.py --out-dir {cfg.out_dir} --resume", file=sys.stderr)
+    return 130
+
+
+def write_metrics(out_dir: Path, run: dict) -> None:
+    keys = ("history", "best_epoch", "best_val_acc", "test_loss", "test_acc")
+    atomic_write(out_dir / "metrics.json", json.dumps({k: run[k] for k in keys if k in run}, indent=2).encode())
+
+
+COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
+
+
+def print_header() -> None:
+    print(" ".join(f"{c:>10}" for c in COLUMNS))
+
+
+def print_row(row: dict, best: bool) -> None:
+    cells = [f"{row['epoch']:>10}", f"{row['train_loss']:>10.4f}", f"{row['train_acc']:>10.2%}",
+             f"{row['val_loss']:>10.4f}", f"{row['val_acc']:>10.2%}", f"{row['lr']:>10.4f}", f"{row['seconds']:>10.1f}"]
+    print(" ".join(cells) + ("  *best" if best else ""), flush=True)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        cfg = config.parse_args(argv)
+        resumed = None
+        if cfg.resume:
+            last = Path(cfg.out_dir) / "last.pt"
+            if not last.is_file():
+                raise UserError(f"nothing to resume: no {last}; run without --resume to start, or pass the run's --out-dir")
+            resumed = load_checkpoint(last)
+            cfg = resume_config(resumed[1]["config"], argv)
+        return train(cfg, resumed)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1 if isinstance(e, Diverged) else 2
+    except KeyboardInterrupt:
+        print("interrupted before anything new was saved", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
