@@ -61,7 +61,7 @@ def check(cfg: Config) -> Config:
             value = float(value)
             setattr(cfg, f.name, value)
         if type(value) is not kind:
-            raise UserError(f"{where} must be a {kind.__name__}, got {value!r}")
+            raise UserError(f"{where} must be {KIND_NAMES[kind]}, got {value!r}")
         if meta["choices"] and value not in meta["choices"]:
             raise UserError(f"{where} must be one of {', '.join(meta['choices'])}; got {value!r}")
         if kind is float and not math.isfinite(value):
@@ -77,6 +77,9 @@ def check(cfg: Config) -> Config:
     return cfg
 
 
+KIND_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
 def flag(name: str) -> str:
     return name.replace("_", "-")
 
@@ -85,7 +88,7 @@ def _parse_value(kind, text: str, name: str):
     try:
         return kind(text)
     except ValueError:
-        raise UserError(f"--{flag(name)} takes a {kind.__name__}, got {text!r}") from None
+        raise UserError(f"--{flag(name)} takes {KIND_NAMES[kind]}, got {text!r}") from None
 
 
 class _Parser(argparse.ArgumentParser):

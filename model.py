@@ -149,7 +149,7 @@ def _as_uint8_batch(images) -> torch.Tensor:
     if hasattr(images, "convert"):  # a PIL image, in any mode
         images = np.asarray(images.convert("L"))
     if isinstance(images, np.ndarray):
-        images = torch.from_numpy(np.ascontiguousarray(images))
+        images = torch.from_numpy(np.array(images))  # a copy: PIL gives read-only arrays
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"predict() takes PIL images, numpy arrays or tensors, not {type(images).__name__}")
     if images.is_floating_point():  # floats are taken to be in [0, 1], as ToTensor gives them

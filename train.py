@@ -8,6 +8,7 @@ Reads top to bottom in the order it runs: config, output folder, device, seed, d
 model and SGD, the epoch loop (validation and checkpoints every epoch), then one test
 evaluation of the best model.
 """
+import contextlib
 import json
 import math
 import signal
@@ -156,8 +157,10 @@ def amp_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16
 
 
-def sigint_flag():
-    """After the first Ctrl-C the loop finishes its step, saves, and exits; a second Ctrl-C quits at once."""
+@contextlib.contextmanager
+def sigint_requests():
+    """Yield a function that says whether Ctrl-C was pressed. The first Ctrl-C lets the loop finish its
+    step and save; a second one quits at once. The previous handler is restored on the way out."""
     requested = []
 
     def handler(signum, frame):
@@ -166,11 +169,15 @@ def sigint_flag():
         requested.append(signum)
         tqdm.write("stopping after this step to save last.pt (Ctrl-C again to quit without saving)", file=sys.stderr)
 
-    signal.signal(signal.SIGINT, handler)
-    return lambda: bool(requested)
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: bool(requested)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
-def train(cfg: Config, resumed=None) -> int:
+def train(cfg: Config, resumed=None, stop_requested=lambda: False) -> int:
+    """Run the whole training job; return the process exit code. `resumed` is load_checkpoint()'s (model, ckpt)."""
     out_dir = prepare_out_dir(cfg.out_dir)
     device = pick_device(cfg.device)
     if cfg.amp and device.type != "cuda":
@@ -212,7 +219,6 @@ def train(cfg: Config, resumed=None) -> int:
             "torch_version": str(torch.__version__), "rng": torch.get_rng_state(),
         }
 
-    stop_requested = sigint_flag()
     print_header()
     for epoch in range(run["epoch"], cfg.epochs):
         start = time.perf_counter()
@@ -287,7 +293,8 @@ def main(argv=None) -> int:
                 raise UserError(f"nothing to resume: no {last}; run without --resume to start, or pass the run's --out-dir")
             resumed = load_checkpoint(last)
             cfg = resume_config(resumed[1]["config"], argv)
-        return train(cfg, resumed)
+        with sigint_requests() as stop_requested:
+            return train(cfg, resumed, stop_requested)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1 if isinstance(e, Diverged) else 2

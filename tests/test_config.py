@@ -1,0 +1,71 @@
+from dataclasses import fields
+
+import pytest
+
+import config
+from config import Config, UserError, parse_args
+from conftest import run_cli
+
+
+def test_no_flags_gives_the_defaults():
+    """With no flags, parse_args returns exactly the defaults written in config.py."""
+    assert parse_args([]) == Config()
+
+
+def test_overrides_parse_to_the_field_types():
+    """Flags become values of the field's own type; an int is accepted for a float field."""
+    cfg = parse_args(["--epochs", "3", "--lr=1", "--data-dir", "../shared/data", "--model", "fcnn",
+                      "--no-nesterov", "--momentum", "0", "--seed", "7"])
+    assert (cfg.epochs, cfg.lr, cfg.data_dir, cfg.model, cfg.nesterov, cfg.seed) == (3, 1.0, "../shared/data", "fcnn", False, 7)
+    assert type(cfg.epochs) is int and type(cfg.lr) is float and type(cfg.nesterov) is bool
+
+
+def test_every_field_has_a_flag_that_sets_it():
+    """Each config field is set by its dashed flag, so the CLI and config.py never drift apart."""
+    for f in fields(Config):
+        value = {bool: False, int: 3, float: 0.5, str: "cpu"}[f.type]
+        if f.metadata["choices"]:
+            value = f.metadata["choices"][-1]
+        flag = f"--{f.name.replace('_', '-')}"
+        argv = [f"--no-{flag[2:]}"] if f.type is bool else [flag, str(value)]
+        if f.name == "nesterov":
+            argv += ["--momentum", "0"]
+        assert getattr(parse_args(argv), f.name) == value, f.name
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lrr", "0.1"], "unknown option --lrr (did you mean --lr?); valid options: --data-dir"),
+    (["--epochs", "three"], "--epochs takes an integer, got 'three'"),
+    (["--epochs", "2.5"], "--epochs takes an integer, got '2.5'"),
+    (["--lr", "-0.1"], "lr (--lr) must be > 0, got -0.1"),
+    (["--lr", "nan"], "lr (--lr) must be a finite number"),
+    (["--model", "resnet"], "model (--model) must be one of cnn, fcnn; got 'resnet'"),
+    (["--device", "tpu"], "device (--device) must be one of auto, cpu, cuda, mps"),
+    (["--val-size", "60000"], "val_size (--val-size) must be <= 59999"),
+    (["--momentum", "0"], "nesterov needs momentum > 0"),
+    (["--epochs"], "argument --epochs: expected one argument"),
+    (["extra"], "unexpected argument 'extra'"),
+])
+def test_bad_values_name_the_field_and_what_is_allowed(argv, message):
+    """A bad flag or value raises UserError whose one-line message says what is wrong."""
+    with pytest.raises(UserError) as err:
+        parse_args(argv)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_edits_to_config_py_are_checked_too():
+    """A wrongly typed default (as if edited in config.py) is caught before any work starts."""
+    with pytest.raises(UserError, match=r"batch_size \(--batch-size\) must be an integer, got '64'"):
+        config.check(Config(batch_size="64"))
+    with pytest.raises(UserError, match="must be an integer, got True"):
+        config.check(Config(epochs=True))
+
+
+def test_cli_prints_one_line_and_no_traceback(tmp_path):
+    """An unknown flag on the real command line exits 2 with a single 'error:' line."""
+    result = run_cli("train.py", "--epoch", "3", "--out-dir", tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == result.stderr.strip().splitlines()[0]
+    assert result.stderr.startswith("error: unknown option --epoch (did you mean --epochs?)")
+    assert "Traceback" not in result.stderr

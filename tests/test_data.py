@@ -1,0 +1,125 @@
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+import data
+from config import UserError
+from conftest import N_TEST, N_TRAIN, REAL_DATA, needs_real_data, synthetic_digits, write_idx, write_mnist
+from data import MNIST_MEAN, MNIST_STD, RAW_FILES, load_split, load_splits
+
+
+def test_splits_have_the_right_sizes_and_items(mnist_dir):
+    """Train and val partition the training file, test is the test file; ds[i] is (float 1x28x28, int)."""
+    splits = load_splits(mnist_dir, val_size=100, split_seed=0, download=False)
+    assert [len(splits[s]) for s in ("train", "val", "test")] == [N_TRAIN - 100, 100, N_TEST]
+    image, label = splits["train"][0]
+    assert image.dtype == torch.float32 and image.shape == (1, 28, 28)
+    assert type(label) is int and 0 <= label <= 9
+
+
+def test_items_are_normalised_with_the_mnist_constants(mnist_dir):
+    """ds[i] equals (pixels / 255 - MNIST_MEAN) / MNIST_STD of the file's own bytes, in the file's order."""
+    images, labels = synthetic_digits(N_TEST, seed=2)  # what conftest wrote as the test file
+    test = load_splits(mnist_dir, val_size=100, split_seed=0, download=False)["test"]
+    image, label = test[5]
+    expected = (torch.from_numpy(images[5]).float() / 255 - MNIST_MEAN) / MNIST_STD
+    assert torch.allclose(image[0], expected, atol=1e-5)
+    assert label == labels[5]
+
+
+def test_split_is_disjoint_and_deterministic(mnist_dir):
+    """Val and train share no image, the same seed gives the same split, another seed another split."""
+    def val_images(seed):
+        return load_splits(mnist_dir, val_size=100, split_seed=seed, download=False)
+    a, b, c = val_images(0), val_images(0), val_images(1)
+    train_rows = {bytes(x.numpy()) for x in a["train"].images}
+    assert not train_rows & {bytes(x.numpy()) for x in a["val"].images}
+    assert len(train_rows) + len(a["val"]) == N_TRAIN  # synthetic images are all distinct
+    assert torch.equal(a["val"].images, b["val"].images) and torch.equal(a["val"].labels, b["val"].labels)
+    assert not torch.equal(a["val"].images, c["val"].images)
+
+
+def test_batches_cover_the_split_once_in_the_given_order(mnist_dir):
+    """batches() yields every item exactly once, normalised, in `order`, from batch `start` on."""
+    split = load_splits(mnist_dir, val_size=100, split_seed=0, download=False)["train"]
+    order = data.epoch_order(len(split), seed=0, epoch=3, device="cpu")
+    labels = torch.cat([y for _, y in split.batches(64, order)])
+    assert torch.equal(labels, split.labels[order])
+    images, _ = next(split.batches(64, order, start=2))
+    assert torch.equal(images, data.normalize(split.images[order[128:192]]))
+    assert torch.equal(order, data.epoch_order(len(split), 0, 3, "cpu"))
+    assert not torch.equal(order, data.epoch_order(len(split), 0, 4, "cpu"))
+
+
+@pytest.fixture
+def damaged(mnist_dir, tmp_path):
+    """A private copy of the synthetic data dir that a test may break."""
+    shutil.copytree(mnist_dir, tmp_path, dirs_exist_ok=True)
+    return tmp_path
+
+
+def test_missing_data_with_download_off_says_where_and_how(tmp_path):
+    """Missing files with download off: one line naming the expected folder and the two fixes."""
+    with pytest.raises(UserError, match=rf"MNIST is not in {tmp_path}/MNIST/raw; drop --no-download to fetch it"):
+        load_split(tmp_path, train=True, download=False)
+
+
+def test_failed_download_is_one_line(tmp_path, monkeypatch):
+    """When every mirror fails (as offline), the error names the folder and the way out."""
+    monkeypatch.setattr(torchvision.datasets.MNIST, "mirrors", ["http://127.0.0.1:9/"])
+    with pytest.raises(UserError, match=rf"could not download MNIST into {tmp_path}/MNIST/raw .*copy the four IDX files there"):
+        load_split(tmp_path, train=True, download=True)
+
+
+def test_data_dir_that_is_a_file(tmp_path):
+    """A data dir that is a file gets its own message, not a download attempt."""
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="is a file, not a folder"):
+        load_split(tmp_path / "file", train=True, download=True)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda p: p.write_bytes(p.read_bytes()[:-100]), "is truncated or corrupt"),
+    (lambda p: p.write_bytes(b"\x00\x00\x08\x01" + p.read_bytes()[4:]), "wrong magic number"),
+    (lambda p: p.write_bytes(b""), "wrong magic number"),
+])
+def test_corrupt_file_is_named(damaged, damage, message):
+    """A truncated or wrong-magic IDX file gets a one-line error naming that file."""
+    path = damaged / "MNIST" / "raw" / RAW_FILES["train"][0]
+    damage(path)
+    with pytest.raises(UserError, match=message) as err:
+        load_split(damaged, train=True, download=False)
+    assert str(path) in str(err.value)
+
+
+def test_mismatched_label_file_is_named(damaged):
+    """A label file whose count differs from its image file is caught before training."""
+    write_idx(damaged / "MNIST" / "raw" / RAW_FILES["train"][1], np.zeros(N_TRAIN - 1, dtype=np.uint8))
+    with pytest.raises(UserError, match=f"has {N_TRAIN - 1} labels for {N_TRAIN} images"):
+        load_split(damaged, train=True, download=False)
+
+
+def test_labels_outside_0_to_9_are_refused(damaged):
+    """Labels that are not digits mean the file is not MNIST."""
+    write_idx(damaged / "MNIST" / "raw" / RAW_FILES["test"][1], np.full(N_TEST, 12, dtype=np.uint8))
+    with pytest.raises(UserError, match="labels outside 0-9"):
+        load_split(damaged, train=False, download=False)
+
+
+def test_val_size_larger_than_training_file(mnist_dir):
+    """A validation split that would leave nothing to train on is refused."""
+    with pytest.raises(UserError, match=f"val_size {N_TRAIN} leaves no training images"):
+        load_splits(mnist_dir, val_size=N_TRAIN, split_seed=0, download=False)
+
+
+@needs_real_data
+def test_real_mnist_matches_its_published_statistics():
+    """The real files load to 55k/5k/10k images with the known pixel mean/std and test label counts."""
+    splits = load_splits(REAL_DATA, val_size=5000, split_seed=0, download=False)
+    assert [len(splits[s]) for s in ("train", "val", "test")] == [55000, 5000, 10000]
+    pixels = torch.cat([splits["train"].images, splits["val"].images]).float() / 255
+    assert round(pixels.mean().item(), 4) == MNIST_MEAN and round(pixels.std().item(), 4) == MNIST_STD
+    assert splits["test"].labels.bincount().tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]

@@ -1,0 +1,128 @@
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train
+from config import parse_args
+from conftest import N_TRAIN, REAL_DATA, fast_args, needs_real_data, run_cli
+from data import load_splits
+from model import CNN, load_checkpoint
+
+STEPS_PER_EPOCH = (N_TRAIN - 100) // 50  # fast_args: val 100, batch 50
+
+
+def test_loss_drops_on_a_fixed_batch(mnist_dir):
+    """Twenty SGD steps on one fixed batch cut its cross-entropy by more than half."""
+    torch.manual_seed(0)
+    images, labels = next(load_splits(mnist_dir, 100, 0, download=False)["train"].batches(64))
+    model = CNN()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    losses = []
+    for _ in range(20):
+        loss = F.cross_entropy(model(images), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] / 2
+
+
+def test_lr_schedule_warms_up_then_decays_to_zero():
+    """onecycle rises linearly to the peak over the warm-up, then falls linearly to 0 at the last step."""
+    factors = [train.lr_factor(step, 100, "onecycle", 0.2) for step in range(101)]
+    assert factors[0] == 1 / 20 and factors[19] == 1.0 and factors[100] == 0.0
+    assert all(a <= b for a, b in zip(factors[:20], factors[1:20])) and all(a >= b for a, b in zip(factors[19:], factors[20:]))
+    assert train.lr_factor(57, 100, "constant", 0.2) == 1.0
+
+
+def test_cli_end_to_end_writes_checkpoints_and_metrics(mnist_dir, tmp_path):
+    """`python train.py` on the synthetic data trains, prints the epoch row and test line, and writes its outputs."""
+    result = run_cli("train.py", *fast_args(mnist_dir, tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert {"best.pt", "last.pt", "metrics.json"} <= {p.name for p in tmp_path.iterdir()}
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert [row["epoch"] for row in metrics["history"]] == [1]
+    assert f"accuracy {metrics['test_acc']:.2%}" in result.stdout
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_training_learns_the_synthetic_digits(trained_run):
+    """Two epochs on the learnable synthetic digits reach high validation and test accuracy."""
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    assert metrics["history"][-1]["val_acc"] > 0.9 and metrics["test_acc"] > 0.9
+    assert metrics["history"][-1]["train_loss"] < metrics["history"][0]["train_loss"]
+
+
+def test_checkpoint_holds_everything_to_rebuild_and_resume(trained_run):
+    """best.pt loads with weights_only=True and holds model, optimiser, schedule, config, history and test accuracy."""
+    ckpt = torch.load(trained_run / "best.pt", weights_only=True)
+    assert {"model", "model_name", "model_args", "optimizer", "scheduler", "config", "epoch", "history",
+            "best_val_acc", "test_acc", "normalization", "torch_version", "rng"} <= ckpt.keys()
+    assert ckpt["model_name"] == "cnn" and ckpt["epoch"] == ckpt["best_epoch"] == len(ckpt["history"])
+    assert torch.load(trained_run / "last.pt", weights_only=True)["epoch"] == 2
+    assert ckpt["config"]["epochs"] == 2 and ckpt["normalization"] == {"mean": 0.1307, "std": 0.3081}
+    assert all(not k.startswith("_orig_mod.") for k in ckpt["model"])
+    assert all(t.device.type == "cpu" for t in ckpt["model"].values())
+
+
+def test_loaded_checkpoint_gives_the_trained_models_logits(trained_run, mnist_dir):
+    """load_checkpoint rebuilds a model in eval mode whose logits equal the trained model's, and its test accuracy."""
+    model, ckpt = load_checkpoint(trained_run / "best.pt")
+    assert not model.training
+    twin = CNN()
+    twin.load_state_dict(ckpt["model"])
+    test = load_splits(mnist_dir, 100, 0, download=False)["test"]
+    images = next(test.batches(len(test)))[0]
+    assert torch.equal(model(images), twin(images))
+    _, accuracy = train.evaluate(model, test, 1000)
+    assert accuracy == ckpt["test_acc"]
+
+
+def test_resume_continues_the_epoch_count_and_history(mnist_dir, tmp_path):
+    """--resume with more epochs starts after the saved epoch and extends the history, not restarts it."""
+    assert train.main(fast_args(mnist_dir, tmp_path)) == 0
+    first = load_checkpoint(tmp_path / "last.pt")[1]
+    assert train.main(fast_args(mnist_dir, tmp_path, "--epochs", 3, "--resume")) == 0
+    last = load_checkpoint(tmp_path / "last.pt")[1]
+    assert last["epoch"] == 3 and [row["epoch"] for row in last["history"]] == [1, 2, 3]
+    assert last["history"][0] == first["history"][0]
+
+
+# stop_requested() is asked after every step, and once more after each epoch's checkpoint.
+@pytest.mark.parametrize("answers, stopped_at", [
+    ([False] * STEPS_PER_EPOCH + [True], (1, 0)),  # at the end of epoch 1
+    ([False] * 3 + [True], (0, 4)),                # after step 4 of epoch 1
+])
+def test_a_stopped_and_resumed_run_matches_the_unbroken_run(mnist_dir, tmp_path, answers, stopped_at):
+    """Stopped at an epoch boundary or mid-epoch, then resumed: bitwise the weights and history of an unbroken run."""
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert train.main(fast_args(mnist_dir, whole, "--epochs", 2)) == 0
+    answers = iter(answers)
+    cfg = parse_args(fast_args(mnist_dir, split, "--epochs", 2))
+    assert train.train(cfg, stop_requested=lambda: next(answers)) == 130
+    saved = load_checkpoint(split / "last.pt")[1]
+    assert (saved["epoch"], saved["epoch_progress"]["step"]) == stopped_at
+    assert train.main(fast_args(mnist_dir, split, "--epochs", 2, "--resume")) == 0
+    (a, a_ckpt), (b, b_ckpt) = (load_checkpoint(d / "last.pt") for d in (whole, split))
+    assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
+    drop_time = lambda history: [{k: v for k, v in row.items() if k != "seconds"} for row in history]  # noqa: E731
+    assert drop_time(a_ckpt["history"]) == drop_time(b_ckpt["history"])
+
+
+def test_same_seed_gives_bitwise_identical_weights(mnist_dir, tmp_path):
+    """Two runs with the same seed on CPU end with identical weights; another seed gives other weights."""
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        assert train.main(fast_args(mnist_dir, tmp_path / name, "--seed", seed)) == 0
+    a, b, c = (load_checkpoint(tmp_path / n / "last.pt")[0].state_dict() for n in "abc")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["conv1.weight"], c["conv1.weight"])
+
+
+@needs_real_data
+def test_one_epoch_on_real_mnist_reaches_98_percent(tmp_path):
+    """One epoch of the default recipe on the real data gives at least 98% test accuracy."""
+    result = run_cli("train.py", "--data-dir", REAL_DATA, "--out-dir", tmp_path, "--epochs", 1, "--no-download", timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert load_checkpoint(tmp_path / "best.pt")[1]["test_acc"] >= 0.98
