@@ -7,6 +7,7 @@
 import io
 import os
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -117,8 +118,10 @@ def read_checkpoint(path, device="cpu") -> dict:
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as e:
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
-            raise UserError(f"refused to load {path}: it holds Python objects that could run code, not just tensors and plain values") from None
+        wanted = re.search(r"GLOBAL (\S+)", str(e))  # a class or function the file wants to call on loading
+        if wanted:
+            raise UserError(f"refused to load {path}: it would call {wanted[1]} on loading, and could run code; "
+                            f"checkpoints hold only tensors and plain values") from None
         raise UserError(f"{path} is not a readable checkpoint ({str(e).splitlines()[0]})") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -69,6 +69,19 @@ def run_cli(script: str, *args, timeout=120, **kwargs) -> subprocess.CompletedPr
                           timeout=timeout, cwd=ROOT, **kwargs)
 
 
+@pytest.fixture
+def run_main(capsys):
+    """Call train.main in this process (no 5 s torch import) and return what a subprocess run would."""
+    import train
+
+    def run(*args) -> subprocess.CompletedProcess:
+        capsys.readouterr()
+        code = train.main(list(map(str, args)))
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(["train.py", *args], code, out, err)
+    return run
+
+
 @pytest.fixture(scope="session")
 def trained_run(mnist_dir, tmp_path_factory) -> Path:
     """An out dir holding a finished two-epoch run on the synthetic data."""

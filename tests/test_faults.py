@@ -1,0 +1,220 @@
+"""Every fault and bad input: a clear one-line error, the right exit code, and nothing good lost on disk."""
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import model as model_module
+import train
+from conftest import ROOT, fast_args, run_cli
+from model import atomic_write, load_checkpoint, save_checkpoint
+
+
+def one_line_error(result, exit_code=2) -> str:
+    """The process failed with `exit_code` and said why on exactly one stderr line, without a traceback."""
+    assert result.returncode == exit_code, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+# --- checkpoints ----------------------------------------------------------------------
+
+def test_missing_checkpoint(tmp_path):
+    """Loading a path with no file says so and how to make one."""
+    with pytest.raises(train.UserError, match=r"no checkpoint at .*nope.pt; train one with `python train.py`"):
+        load_checkpoint(tmp_path / "nope.pt")
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", b"PK\x03\x04 truncated zip"])
+def test_file_that_is_not_a_checkpoint(tmp_path, content):
+    """Empty, garbage or truncated files are reported as unreadable checkpoints, naming the file."""
+    path = tmp_path / "bad.pt"
+    path.write_bytes(content)
+    with pytest.raises(train.UserError, match=rf"{path} is not a readable checkpoint"):
+        load_checkpoint(path)
+
+
+def test_torch_file_of_another_kind(tmp_path):
+    """A torch file without this project's keys (say, a bare state_dict) is named as not our checkpoint."""
+    path = tmp_path / "state_dict.pt"
+    torch.save(model_module.CNN().state_dict(), path)
+    with pytest.raises(train.UserError, match="not a checkpoint of this project"):
+        load_checkpoint(path)
+
+
+def test_checkpoint_whose_weights_do_not_fit_its_model(trained_run, tmp_path):
+    """Weights that do not fit the named model (here: CNN weights labelled fcnn) give a one-line mismatch error."""
+    ckpt = torch.load(trained_run / "best.pt", weights_only=True)
+    ckpt.update(model_name="fcnn", model_args={"hidden": 256})
+    torch.save(ckpt, tmp_path / "mismatch.pt")
+    with pytest.raises(train.UserError, match=r"the weights in .*mismatch.pt do not fit a fcnn model") as err:
+        load_checkpoint(tmp_path / "mismatch.pt")
+    assert "\n" not in str(err.value)
+
+
+class RunsCode:
+    """A pickle payload that would create a file when unpickled, if unpickling were allowed to run code."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickle_that_runs_code_is_refused_and_never_run(tmp_path):
+    """A checkpoint carrying executable pickle content is refused by weights_only loading; its code never runs."""
+    marker, path = tmp_path / "pwned", tmp_path / "evil.pt"
+    torch.save({"model": {}, "model_name": "cnn", "model_args": {}, "payload": RunsCode(marker)}, path)
+    with pytest.raises(train.UserError, match="refused to load .*could run code"):
+        load_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    """A write that fails (here: disk full) leaves the previous checkpoint intact and cleans up its temporary file."""
+    path = tmp_path / "best.pt"
+    save_checkpoint({"model": {"w": torch.ones(3)}, "model_name": "cnn", "model_args": {}}, path)
+    before = path.read_bytes()
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(model_module.os, "fsync", disk_full)
+    with pytest.raises(train.UserError, match=r"could not save .*best.pt: No space left on device; the previous file is unchanged"):
+        save_checkpoint({"model": {"w": torch.zeros(3)}, "model_name": "cnn", "model_args": {}}, path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["best.pt"]
+
+
+SLOW_SAVE = """
+import os, sys, time
+sys.path.insert(0, {root!r})
+import torch
+import model
+def stalled_fsync(fd):  # the new bytes are written to the temporary file; hang before the rename
+    print("writing", flush=True)
+    time.sleep(60)
+model.os.fsync = stalled_fsync
+model.save_checkpoint({{"model": {{"w": torch.zeros(1000)}}, "model_name": "cnn", "model_args": {{}}}}, {path!r})
+"""
+
+
+def test_kill_during_save_leaves_the_previous_checkpoint(tmp_path):
+    """kill -9 in the middle of a save leaves the old checkpoint loadable and unchanged; the next save succeeds."""
+    path = tmp_path / "last.pt"
+    save_checkpoint({"model": {"w": torch.ones(1000)}, "model_name": "cnn", "model_args": {}}, path)
+    before = path.read_bytes()
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_SAVE.format(root=str(ROOT), path=str(path))],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    assert (tmp_path / ".last.pt.tmp").stat().st_size > 0  # the new file was half-way there
+    proc.kill()
+    proc.wait()
+    assert path.read_bytes() == before
+    assert torch.equal(torch.load(path, weights_only=True)["model"]["w"], torch.ones(1000))
+    save_checkpoint({"model": {"w": torch.full((1000,), 2.0)}, "model_name": "cnn", "model_args": {}}, path)
+    assert torch.load(path, weights_only=True)["model"]["w"][0] == 2.0
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_atomic_write_replaces_the_whole_file(tmp_path):
+    """atomic_write puts exactly the new bytes in place, also over a longer old file."""
+    path = tmp_path / "metrics.json"
+    atomic_write(path, b"x" * 100)
+    atomic_write(path, b"short")
+    assert path.read_bytes() == b"short"
+
+
+# --- training runs ----------------------------------------------------------------------
+
+def test_ctrl_c_saves_and_resume_finishes_like_an_unbroken_run(mnist_dir, tmp_path):
+    """SIGINT mid-run exits 130 with the resume command; --resume then ends with the unbroken run's weights."""
+    # Batches of 5 make each epoch ~100 steps, so the signal lands while epochs 2 to 4 are running.
+    args = fast_args(mnist_dir, tmp_path / "broken", "--epochs", 4, "--batch-size", 5)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:  # wait until training is under way
+        if line.split()[:1] == ["1"]:
+            break
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert f"To continue: python train.py --out-dir {tmp_path / 'broken'} --resume" in err
+    assert "Traceback" not in err
+    saved = load_checkpoint(tmp_path / "broken" / "last.pt")[1]
+    assert 1 <= saved["epoch"] < 4
+    assert train.main(["--out-dir", str(tmp_path / "broken"), "--resume"]) == 0
+    assert train.main(fast_args(mnist_dir, tmp_path / "whole", "--epochs", 4, "--batch-size", 5)) == 0
+    a, b = (load_checkpoint(tmp_path / d / "last.pt")[0].state_dict() for d in ("broken", "whole"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_divergence_stops_with_advice_and_keeps_the_good_checkpoints(mnist_dir, trained_run, tmp_path, run_main):
+    """A NaN loss stops training with exit 1 and a learning-rate hint; the checkpoints already there are untouched."""
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("best.pt", "last.pt"):
+        (out / name).write_bytes((trained_run / name).read_bytes())
+    before = {name: (out / name).read_bytes() for name in ("best.pt", "last.pt")}
+    result = run_main(*fast_args(mnist_dir, out, "--lr", 1e12, "--schedule", "constant"))
+    message = one_line_error(result, exit_code=1)
+    assert "training diverged in epoch 1 (loss is NaN or inf)" in message and "try a smaller --lr" in message
+    assert {name: (out / name).read_bytes() for name in before} == before
+
+
+def test_resume_with_another_model_names_the_mismatch(trained_run, run_main):
+    """--resume with a different --model is refused, naming the field and both values."""
+    result = run_main("--out-dir", trained_run, "--resume", "--model", "fcnn")
+    message = one_line_error(result)
+    assert "cannot resume: the saved run differs in model 'cnn' -> 'fcnn'" in message
+
+
+def test_resume_with_a_changed_hyperparameter_names_it(trained_run, run_main):
+    """--resume with a different learning rate or batch size is refused, naming each change."""
+    message = one_line_error(run_main("--out-dir", trained_run, "--resume", "--lr", 0.3, "--batch-size", 7))
+    assert "batch_size 50 -> 7, lr 0.1 -> 0.3" in message
+
+
+def test_resume_with_nothing_to_resume(tmp_path, run_main):
+    """--resume in an out dir without last.pt says there is nothing to resume and how to start."""
+    message = one_line_error(run_main("--out-dir", tmp_path, "--resume"))
+    assert f"nothing to resume: no {tmp_path / 'last.pt'}; run without --resume" in message
+
+
+def test_out_dir_that_cannot_be_written_fails_before_training(mnist_dir, tmp_path, run_main):
+    """An out dir inside a file is refused before any data is read or any epoch runs."""
+    (tmp_path / "file").write_text("")
+    result = run_main(*fast_args(mnist_dir, tmp_path / "file" / "run"))
+    assert "cannot write to out dir" in one_line_error(result)
+    assert "epoch" not in result.stdout
+
+
+@pytest.mark.parametrize("problem, make_args, message", [
+    ("missing data", lambda tmp: ["--data-dir", tmp / "empty", "--no-download"], "MNIST is not in"),
+    ("data dir is a file", lambda tmp: ["--data-dir", tmp / "file"], "is a file, not a folder"),
+    ("no cuda", lambda tmp: ["--device", "cuda"], "device cuda was asked for, but torch sees no CUDA GPU"),
+    ("amp on cpu", lambda tmp: ["--device", "cpu", "--amp"], "--amp needs a CUDA GPU"),
+])
+def test_cli_reports_bad_setups_in_one_line(tmp_path, run_main, problem, make_args, message):
+    """Bad data dirs and unavailable devices end the CLI with one 'error:' line and exit 2."""
+    (tmp_path / "file").write_text("")
+    if problem == "no cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    result = run_main("--out-dir", tmp_path / "out", *make_args(tmp_path))
+    assert message in one_line_error(result)
+
+
+def test_a_genuine_bug_still_shows_a_traceback(mnist_dir, tmp_path):
+    """Errors that are not user mistakes are not swallowed: a broken model class surfaces with its traceback."""
+    code = ("import sys; sys.path.insert(0, %r); import train, model\n"
+            "model.MODELS['cnn'] = lambda: 1 / 0\n"
+            "sys.exit(train.main(%r))") % (str(ROOT), fast_args(mnist_dir, tmp_path))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "Traceback" in result.stderr and "ZeroDivisionError" in result.stderr
