@@ -48,12 +48,16 @@ class FCNN(nn.Module):
 
 MODELS = {"cnn": CNN, "fcnn": FCNN}
 
+# oneDNN runs this CNN's small convolutions ~1.3x faster on CPU with channels-last tensors
+# (benchmarks/speed.py). With one input channel the data's bytes do not move; on CUDA it is neutral.
+MEMORY_FORMAT = torch.channels_last
+
 
 def build_model(name: str, **model_args) -> nn.Module:
-    """A fresh model by name, as config.model spells it."""
+    """A fresh model by name, as config.model spells it, in MEMORY_FORMAT."""
     if name not in MODELS:
         raise UserError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
-    return MODELS[name](**model_args)
+    return MODELS[name](**model_args).to(memory_format=MEMORY_FORMAT)
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -165,12 +169,17 @@ def _as_uint8_batch(images) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, images, batch_size: int = 2000) -> tuple[torch.Tensor, torch.Tensor]:
-    """Classify digits, light on dark like MNIST. Returns (classes (N,), probabilities (N, 10)) on the CPU."""
-    pixels = _as_uint8_batch(images)
+def model_logits(model: nn.Module, pixels: torch.Tensor, batch_size: int = 2000) -> torch.Tensor:
+    """float32 logits (N, 10), on the model's device, of uint8 digits (N, 28, 28) normalised as in training."""
+    model.eval()
     device = next(model.parameters()).device
-    probs = torch.cat([
-        F.softmax(model(normalize(pixels[i:i + batch_size].to(device))).float(), dim=1).cpu()
+    return torch.cat([
+        model(normalize(pixels[i:i + batch_size].to(device)).contiguous(memory_format=MEMORY_FORMAT)).float()
         for i in range(0, len(pixels), batch_size)
     ])
+
+
+def predict(model: nn.Module, images, batch_size: int = 2000) -> tuple[torch.Tensor, torch.Tensor]:
+    """Classify digits, light on dark like MNIST. Returns (classes (N,), probabilities (N, 10)) on the CPU."""
+    probs = F.softmax(model_logits(model, _as_uint8_batch(images), batch_size), dim=1).cpu()
     return probs.argmax(dim=1), probs

@@ -24,16 +24,12 @@ from tqdm import tqdm
 import config
 from config import Config, UserError
 from data import MNIST_MEAN, MNIST_STD, MNISTData, epoch_order, load_splits
-from model import atomic_write, build_model, count_parameters, load_checkpoint, save_checkpoint
+from model import (MEMORY_FORMAT, atomic_write, build_model, count_parameters, load_checkpoint, model_logits,
+                   save_checkpoint)
 
 # Settings that --resume may change: they say where things are, how far to go, or how fast,
 # not what is learned. Any other difference from the saved run is refused.
 RESUMABLE_CHANGES = {"data_dir", "download", "out_dir", "epochs", "eval_batch_size", "device", "compile", "resume"}
-
-
-# oneDNN runs this CNN's small convolutions ~1.3x faster on CPU with channels-last tensors
-# (benchmarks/speed.py); on CUDA it is neutral for the model and free for the data.
-MEMORY_FORMAT = torch.channels_last
 
 
 class Diverged(UserError):
@@ -96,17 +92,15 @@ def model_args(cfg: Config) -> dict:
     return {"hidden": cfg.fcnn_hidden} if cfg.model == "fcnn" else {}
 
 
-@torch.inference_mode()
+def scores(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of logits against labels."""
+    correct = (logits.argmax(dim=1) == labels).sum().item()
+    return F.cross_entropy(logits, labels).item(), correct / len(labels)
+
+
 def evaluate(model, split: MNISTData, batch_size: int) -> tuple[float, float]:
     """Mean cross-entropy and accuracy of `model` on a split."""
-    model.eval()
-    loss = torch.zeros((), device=split.labels.device)
-    correct = torch.zeros((), dtype=torch.long, device=split.labels.device)
-    for images, labels in split.batches(batch_size):
-        logits = model(images.contiguous(memory_format=MEMORY_FORMAT)).float()
-        loss += F.cross_entropy(logits, labels, reduction="sum")
-        correct += (logits.argmax(dim=1) == labels).sum()
-    return loss.item() / len(split), correct.item() / len(split)
+    return scores(model_logits(model, split.images, batch_size), split.labels)
 
 
 def train_epoch(model, optimizer, scheduler, scaler, split, cfg, epoch, progress, stop_requested) -> dict:
@@ -190,7 +184,6 @@ def train(cfg: Config, resumed=None, stop_requested=lambda: False) -> int:
     print(f"data: {len(splits['train'])} train, {len(splits['val'])} val, {len(splits['test'])} test images on {device}")
 
     model = (resumed[0] if resumed else build_model(cfg.model, **model_args(cfg))).to(device)
-    model = model.to(memory_format=MEMORY_FORMAT)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
     total_steps = cfg.epochs * math.ceil(len(splits["train"]) / cfg.batch_size)

@@ -8,7 +8,7 @@ import train
 from config import parse_args
 from conftest import N_TRAIN, REAL_DATA, fast_args, needs_real_data, run_cli
 from data import load_splits
-from model import CNN, load_checkpoint
+from model import CNN, build_model, load_checkpoint
 
 STEPS_PER_EPOCH = (N_TRAIN - 100) // 50  # fast_args: val 100, batch 50
 
@@ -71,7 +71,7 @@ def test_loaded_checkpoint_gives_the_trained_models_logits(trained_run, mnist_di
     """load_checkpoint rebuilds a model in eval mode whose logits equal the trained model's, and its test accuracy."""
     model, ckpt = load_checkpoint(trained_run / "best.pt")
     assert not model.training
-    twin = CNN()
+    twin = build_model("cnn")  # a fresh model given the raw state dict, as a user would
     twin.load_state_dict(ckpt["model"])
     test = load_splits(mnist_dir, 100, 0, download=False)["test"]
     images = next(test.batches(len(test)))[0]

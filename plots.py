@@ -1,0 +1,85 @@
+"""Figures for training runs: curves, confusion matrix, confident mistakes, first-layer filters.
+
+Each function takes plain numbers or tensors, writes one PNG, and returns its path.
+"""
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: works on servers and in CI without a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+DPI = 120
+
+
+def _save(fig, path) -> Path:
+    path = Path(path)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def plot_curves(histories: dict[str, list[dict]], path) -> Path:
+    """Loss and accuracy per epoch, train dashed and validation solid, one colour per run."""
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    for i, (label, history) in enumerate(histories.items()):
+        epochs = [row["epoch"] for row in history]
+        colour = f"C{i}"
+        for ax, key, scale in ((loss_ax, "loss", 1), (acc_ax, "acc", 100)):
+            ax.plot(epochs, [row[f"train_{key}"] * scale for row in history], "--", color=colour, label=f"{label} train")
+            ax.plot(epochs, [row[f"val_{key}"] * scale for row in history], "-o", color=colour, ms=3, label=f"{label} val")
+    loss_ax.set(title="Cross-entropy loss", xlabel="epoch", ylabel="loss", yscale="log")
+    acc_ax.set(title="Accuracy", xlabel="epoch", ylabel="accuracy (%)")
+    for ax in (loss_ax, acc_ax):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    return _save(fig, path)
+
+
+def plot_confusion(matrix: np.ndarray, path, title: str) -> Path:
+    """The confusion matrix as a heat map of row-normalised rates, annotated with the counts."""
+    matrix = np.asarray(matrix)
+    rates = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    # Colour by the log of the rate, so that a handful of mistakes stands out next to ~1,000 hits.
+    image = ax.imshow(np.log10(np.maximum(rates, 1e-4)), cmap="Blues", vmin=-4, vmax=0)
+    for (t, p), count in np.ndenumerate(matrix):
+        if count:
+            ax.text(p, t, str(count), ha="center", va="center", fontsize=7,
+                    color="white" if rates[t, p] > 0.1 else "black")
+    ax.set(title=title, xlabel="predicted digit", ylabel="true digit", xticks=range(10), yticks=range(10))
+    bar = fig.colorbar(image, ax=ax, ticks=[-4, -3, -2, -1, 0])
+    bar.ax.set_yticklabels(["0.01%", "0.1%", "1%", "10%", "100%"])
+    bar.set_label("share of the true digit's images")
+    return _save(fig, path)
+
+
+def plot_mistakes(images, true, predicted, confidence, path, title: str, count: int = 24) -> Path:
+    """The `count` most confidently wrong digits, each titled with true label, prediction and confidence."""
+    wrong = np.flatnonzero(np.asarray(true) != np.asarray(predicted))
+    worst = wrong[np.argsort(-np.asarray(confidence)[wrong])][:count]
+    cols = 8
+    rows = max(1, -(-len(worst) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.3, rows * 1.55), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, worst):
+        ax.imshow(np.asarray(images[i]), cmap="gray_r", vmin=0, vmax=255)
+        ax.set_title(f"true {true[i]}, said {predicted[i]}\n{confidence[i]:.0%} sure", fontsize=7)
+    fig.suptitle(f"{title}: {len(wrong)} mistakes, the {len(worst)} most confident", fontsize=10)
+    return _save(fig, path)
+
+
+def plot_filters(weights, path, title: str) -> Path:
+    """First-layer convolution kernels (C_out, 1, k, k) as images; red positive, blue negative."""
+    weights = np.asarray(weights)[:, 0]
+    limit = np.abs(weights).max()
+    fig, axes = plt.subplots(1, len(weights), figsize=(1.2 * len(weights), 1.6))
+    for i, (ax, kernel) in enumerate(zip(np.atleast_1d(axes), weights)):
+        ax.imshow(kernel, cmap="RdBu_r", vmin=-limit, vmax=limit)
+        ax.set_title(f"filter {i}", fontsize=8)
+        ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
