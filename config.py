@@ -91,15 +91,17 @@ def _parse_value(kind, text: str, name: str):
         raise UserError(f"--{flag(name)} takes {KIND_NAMES[kind]}, got {text!r}") from None
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse would print usage and exit; we want one line
+class Parser(argparse.ArgumentParser):
+    """argparse, but a mistake raises UserError (one line) instead of printing usage and exiting."""
+
+    def error(self, message):
         raise UserError(message)
 
 
 def parse_args(argv=None, base: Config | None = None) -> Config:
     """Build a Config from the defaults above (or `base`) and command-line overrides, then check it."""
     base = base or Config()
-    parser = _Parser(description="Train a CNN (or the FCNN baseline) on MNIST.", allow_abbrev=False)
+    parser = Parser(description="Train a CNN (or the FCNN baseline) on MNIST.", allow_abbrev=False)
     for f in fields(Config):
         help = f"{f.metadata['help']} (default: {getattr(base, f.name)})"
         if f.type is bool:

@@ -121,15 +121,12 @@ def read_checkpoint(path, device="cpu") -> dict:
         raise UserError(f"no checkpoint at {path}; train one with `python train.py` or check the path")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
-    except pickle.UnpicklingError as e:
-        wanted = re.search(r"GLOBAL (\S+)", str(e))  # a class or function the file wants to call on loading
-        if wanted:
-            raise UserError(f"refused to load {path}: it would call {wanted[1]} on loading, and could run code; "
+    except Exception as e:  # garbage bytes make the unpickler fail in many ways (KeyError, EOFError, ...)
+        wanted = re.search(r"GLOBAL (\S+)", str(e))  # a class or function the file wants to call while loading
+        if isinstance(e, pickle.UnpicklingError) and wanted:
+            raise UserError(f"refused to load {path}: it would call {wanted[1]} while loading, which could run code; "
                             f"checkpoints hold only tensors and plain values") from None
-        raise UserError(f"{path} is not a readable checkpoint ({str(e).splitlines()[0]})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path} is not a readable checkpoint: truncated or not a torch file ({first})") from None
+        raise UserError(f"{path} is not a readable checkpoint: truncated, damaged or not a torch file") from None
     if not isinstance(ckpt, dict) or not {"model", "model_name", "model_args"} <= ckpt.keys():
         raise UserError(f"{path} is a torch file but not a checkpoint of this project (no model, model_name, model_args)")
     return ckpt

@@ -67,7 +67,7 @@ def plot_mistakes(images, true, predicted, confidence, path, title: str, count: 
         ax.axis("off")
     for ax, i in zip(axes.flat, worst):
         ax.imshow(np.asarray(images[i]), cmap="gray_r", vmin=0, vmax=255)
-        ax.set_title(f"true {true[i]}, said {predicted[i]}\n{confidence[i]:.0%} sure", fontsize=7)
+        ax.set_title(f"true {true[i]}, said {predicted[i]}\n{confidence[i]:.1%} sure", fontsize=7)
     fig.suptitle(f"{title}: {len(wrong)} mistakes, the {len(worst)} most confident", fontsize=10)
     return _save(fig, path)
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import config
+import plots
 from config import Config, UserError
 from data import MNIST_MEAN, MNIST_STD, MNISTData, epoch_order, load_splits
 from model import (MEMORY_FORMAT, atomic_write, build_model, count_parameters, load_checkpoint, model_logits,
@@ -243,8 +244,9 @@ def train(cfg: Config, resumed=None, stop_requested=lambda: False) -> int:
     best_ckpt.update(test_loss=test_loss, test_acc=test_acc)
     save_checkpoint(best_ckpt, out_dir / "best.pt")
     write_metrics(out_dir, {**run, "test_loss": test_loss, "test_acc": test_acc})
+    plots.plot_curves({cfg.model: run["history"]}, out_dir / "curves.png")
     print(f"test: loss {test_loss:.4f}, accuracy {test_acc:.2%} (best.pt, epoch {run['best_epoch']}, "
-          f"val {run['best_val_acc']:.2%}); saved in {out_dir}/")
+          f"val {run['best_val_acc']:.2%}); best.pt, last.pt, metrics.json and curves.png are in {out_dir}/")
     return 0
 
 

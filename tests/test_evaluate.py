@@ -1,0 +1,118 @@
+import nbformat
+import pytest
+import torch
+from nbclient import NotebookClient
+
+import evaluate
+from conftest import ROOT, fast_args
+from data import MNISTData, load_split
+from model import load_checkpoint
+from test_faults import one_line_error
+
+
+@pytest.fixture
+def run_evaluate(capsys):
+    """Call evaluate.main in this process and return (exit code, stdout, stderr) like a subprocess."""
+    import subprocess
+
+    def run(*args):
+        capsys.readouterr()
+        code = evaluate.main(list(map(str, args)))
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(["evaluate.py", *args], code, out, err)
+    return run
+
+
+@pytest.fixture(scope="module")
+def fcnn_run(mnist_dir, tmp_path_factory):
+    """A finished one-epoch FCNN run on the synthetic data, to compare against the CNN."""
+    import train
+    out = tmp_path_factory.mktemp("fcnn")
+    assert train.main(fast_args(mnist_dir, out, "--model", "fcnn", "--fcnn-hidden", 32)) == 0
+    return out
+
+
+def test_evaluate_writes_every_figure_and_the_comparison(trained_run, fcnn_run, mnist_dir, tmp_path, run_evaluate):
+    """Two checkpoints give reports, one comparison table, overlaid curves, and per-run figures (filters for the CNN)."""
+    result = run_evaluate(trained_run / "best.pt", fcnn_run / "best.pt", "--data-dir", mnist_dir, "--out-dir", tmp_path)
+    assert result.returncode == 0, result.stderr
+    cnn, fcnn = trained_run.name, fcnn_run.name
+    assert {p.name for p in tmp_path.iterdir()} == {
+        "curves.png", f"confusion_{cnn}.png", f"mistakes_{cnn}.png", f"filters_{cnn}.png",
+        f"confusion_{fcnn}.png", f"mistakes_{fcnn}.png"}
+    assert all(p.stat().st_size > 10_000 for p in tmp_path.iterdir())
+    table = result.stdout[result.stdout.index("run "):]
+    assert f"{cnn}" in table and "8,490" in table and f"{784 * 32 + 32 + 330:,}" in table
+
+
+def test_train_saves_its_curves(trained_run):
+    """train.py leaves a curves figure beside its checkpoints."""
+    assert (trained_run / "curves.png").stat().st_size > 10_000
+
+
+def test_evaluate_reports_the_accuracy_training_stored(trained_run, mnist_dir, tmp_path, run_evaluate):
+    """The test accuracy evaluate.py prints is the one train.py saved in best.pt, for the same data."""
+    stored = load_checkpoint(trained_run / "best.pt")[1]["test_acc"]
+    result = run_evaluate(trained_run / "best.pt", "--data-dir", mnist_dir, "--out-dir", tmp_path)
+    assert f"accuracy {stored:.2%}" in result.stdout
+    model, ckpt = load_checkpoint(trained_run / "best.pt")
+    test = MNISTData(*load_split(mnist_dir, train=False, download=False))
+    assert evaluate.evaluate_checkpoint(trained_run / "best.pt", model, ckpt, test, 64)["test_acc"] == stored
+
+
+def test_confusion_matrix_agrees_with_accuracy_and_per_class_numbers(trained_run, mnist_dir):
+    """The matrix sums to the test size, its diagonal to the correct count, and precision/recall come from its columns/rows."""
+    model, ckpt = load_checkpoint(trained_run / "best.pt")
+    test = MNISTData(*load_split(mnist_dir, train=False, download=False))
+    result = evaluate.evaluate_checkpoint(trained_run / "best.pt", model, ckpt, test, 64)
+    matrix = result["matrix"]
+    assert matrix.sum() == len(test)
+    assert matrix.diag().sum().item() / len(test) == result["test_acc"]
+    assert torch.equal(matrix.sum(dim=1), test.labels.bincount(minlength=10))
+    precision, recall = evaluate.per_class(matrix)
+    for d in range(10):
+        predicted_d, true_d = result["predicted"] == d, test.labels == d
+        assert recall[d].item() == pytest.approx((predicted_d & true_d).sum().item() / true_d.sum().item())
+        if predicted_d.any():
+            assert precision[d].item() == pytest.approx((predicted_d & true_d).sum().item() / predicted_d.sum().item())
+
+
+def test_confusion_matrix_on_known_labels():
+    """Rows are true digits and columns predictions, counted exactly."""
+    matrix = evaluate.confusion_matrix(torch.tensor([0, 0, 1, 9]), torch.tensor([0, 1, 1, 0]))
+    assert matrix[0, 0] == 1 and matrix[0, 1] == 1 and matrix[1, 1] == 1 and matrix[9, 0] == 1 and matrix.sum() == 4
+
+
+@pytest.mark.parametrize("make_path, message", [
+    (lambda tmp, run: tmp / "missing.pt", "no checkpoint at"),
+    (lambda tmp, run: (tmp / "x.pt").write_text("hello") and tmp / "x.pt", "is not a readable checkpoint"),
+])
+def test_bad_checkpoint_paths_are_one_line_errors(tmp_path, trained_run, run_evaluate, make_path, message):
+    """A missing or non-checkpoint file makes evaluate.py exit 2 with one line, before reading any data."""
+    result = run_evaluate(make_path(tmp_path, trained_run), "--data-dir", tmp_path / "nowhere", "--no-download")
+    assert message in one_line_error(result)
+
+
+def test_checkpoint_of_a_mismatched_model_is_one_line_error(trained_run, tmp_path, run_evaluate):
+    """Weights that do not fit their named model are reported in one line by evaluate.py."""
+    ckpt = torch.load(trained_run / "best.pt", weights_only=True)
+    ckpt["model_name"], ckpt["model_args"] = "fcnn", {"hidden": 8}
+    torch.save(ckpt, tmp_path / "wrong.pt")
+    assert "do not fit a fcnn model" in one_line_error(run_evaluate(tmp_path / "wrong.pt"))
+
+
+def test_data_dir_without_mnist_and_download_off(trained_run, tmp_path, run_evaluate):
+    """evaluate.py with no data and --no-download says where it looked and how to fix it."""
+    result = run_evaluate(trained_run / "best.pt", "--data-dir", tmp_path, "--no-download")
+    assert f"MNIST is not in {tmp_path}/MNIST/raw; drop --no-download" in one_line_error(result)
+
+
+def test_notebook_runs_top_to_bottom(trained_run, monkeypatch):
+    """The inference notebook executes every cell against a freshly trained checkpoint, without errors."""
+    monkeypatch.setenv("MNIST_CHECKPOINT", str(trained_run / "best.pt"))
+    notebook = nbformat.read(ROOT / "notebooks" / "inference.ipynb", as_version=4)
+    assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code"), "commit it with outputs cleared"
+    NotebookClient(notebook, timeout=120, kernel_name="python3",
+                   resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
+    outputs = "".join(o.get("text", "") for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs)
+    assert "looks like a" in outputs and "test 1" in outputs or "test 9" in outputs
