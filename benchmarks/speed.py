@@ -1,0 +1,220 @@
+"""Speed and memory of the training pipeline on real MNIST. Not part of the tests; run it by hand:
+
+    python benchmarks/speed.py --data-dir ../shared/data
+
+It prints one table, quoted in the README. Every figure is a median of several runs, and the
+two pipelines are compared within the same run, because this machine is shared and noisy:
+  (a) training images/s: ours against the reference post's pipeline (PIL list + DataLoader), as a ratio,
+      and ours as a fraction of the CPU's FP32 peak, from the FLOPs of the layer shapes;
+  (b) time to 99.0% test accuracy, median over seeds;
+  (c) wall time, test accuracy and peak memory (RSS) of the default `python train.py`;
+  (d) evaluation images/s.
+"""
+import argparse
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.utils.data import DataLoader, Dataset  # noqa: E402
+
+import train  # noqa: E402
+from config import Config, parse_args  # noqa: E402
+from data import MNIST_MEAN, MNIST_STD, epoch_order, load_splits  # noqa: E402
+from model import CNN, MEMORY_FORMAT, build_model, load_checkpoint, model_logits  # noqa: E402
+
+
+def conv_flops(c_in, c_out, k, h_out, w_out) -> int:
+    return 2 * c_in * k * k * c_out * h_out * w_out
+
+
+def cnn_train_flops() -> int:
+    """FLOPs of one training step per image, from the layer shapes (multiply-add = 2 FLOPs).
+
+    Backward costs two forwards (input and weight gradients) for each layer but conv1, whose
+    input needs no gradient. Pooling and ReLU are left out: they are memory-bound and tiny.
+    """
+    conv1, conv2, fc = conv_flops(1, 10, 5, 24, 24), conv_flops(10, 20, 5, 8, 8), 2 * 320 * 10
+    return (conv1 + conv2 + fc) + (conv1 + 2 * conv2 + 2 * fc)
+
+
+def peak_flops() -> tuple[float, str]:
+    """FP32 peak of this machine: cores x clock x FLOPs per cycle (two FMA units of the widest vectors)."""
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    mhz = [float(line.split(":")[1]) for line in cpuinfo.splitlines() if line.startswith("cpu MHz")]
+    flags = next((line for line in cpuinfo.splitlines() if line.startswith("flags")), "")
+    lanes = 16 if " avx512f" in flags else 8 if " avx2" in flags else 4
+    per_cycle = 2 * 2 * lanes  # 2 FMA units x 2 FLOPs x fp32 lanes
+    cores = torch.get_num_threads()
+    ghz = (statistics.median(mhz) if mhz else 2000) / 1000
+    return cores * ghz * 1e9 * per_cycle, f"{cores} cores x {ghz:.2f} GHz x {per_cycle} FLOP/cycle"
+
+
+# --- (a) training throughput -------------------------------------------------------------
+
+class ReferenceMNIST(Dataset):
+    """The reference post's `mnistData`: Python lists of PIL images and labels, one transform per item."""
+
+    def __init__(self, images, labels, transform):
+        from PIL import Image
+        self.images = [Image.fromarray(image.numpy(), mode="L") for image in images]
+        self.labels = labels.tolist()
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.transform(self.images[i]), self.labels[i]
+
+
+def images_per_second(batches, model, optimizer, n_images: int) -> float:
+    """Train on `batches` until n_images are seen; return images/s (batch preparation included)."""
+    model.train()
+    seen, start = 0, time.perf_counter()
+    for images, labels in batches:
+        loss = F.cross_entropy(model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        seen += len(labels)
+        if seen >= n_images:
+            break
+    return seen / (time.perf_counter() - start)
+
+
+def ours(train_split, cfg: Config, n_images: int) -> float:
+    model = build_model("cnn")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                                weight_decay=cfg.weight_decay)
+
+    def batches(epoch):
+        order = epoch_order(len(train_split), 0, epoch, "cpu")
+        return ((x.contiguous(memory_format=MEMORY_FORMAT), y) for x, y in train_split.batches(cfg.batch_size, order))
+    images_per_second(batches(0), model, optimizer, cfg.batch_size * 3)  # warm-up: oneDNN picks its kernels
+    return images_per_second(batches(1), model, optimizer, n_images)
+
+
+def reference(reference_data, n_images: int) -> float:
+    model = CNN()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    loader = DataLoader(reference_data, batch_size=64, shuffle=True)
+    images_per_second(iter(loader), model, optimizer, 64 * 3)
+    return images_per_second(iter(loader), model, optimizer, n_images)
+
+
+# --- (b) time to accuracy ----------------------------------------------------------------
+
+def time_to_accuracy(splits, cfg: Config, target: float) -> tuple[float | None, int, float]:
+    """Train with cfg, testing after every epoch; return (training seconds to reach target or None, epochs, accuracy)."""
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                                weight_decay=cfg.weight_decay)
+    total = cfg.epochs * math.ceil(len(splits["train"]) / cfg.batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: train.lr_factor(step, total, cfg.schedule, cfg.warmup))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    elapsed, accuracy = 0.0, 0.0
+    for epoch in range(cfg.epochs):
+        start = time.perf_counter()
+        train.train_epoch(model, optimizer, scheduler, scaler, splits["train"], cfg, epoch,
+                          train.new_progress(), lambda: False)
+        elapsed += time.perf_counter() - start  # the test evaluation is not training time
+        _, accuracy = train.evaluate(model, splits["test"], cfg.eval_batch_size)
+        if accuracy >= target:
+            return elapsed, epoch + 1, accuracy
+    return None, cfg.epochs, accuracy
+
+
+# --- (c) the whole default run -------------------------------------------------------------
+
+def default_run(data_dir: str, out_dir: Path, seed: int) -> tuple[float, float, float]:
+    """Wall seconds, test accuracy and peak RSS (MiB) of `python train.py` with the defaults but the seed."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    start = time.perf_counter()
+    subprocess.run([sys.executable, str(ROOT / "train.py"), "--data-dir", data_dir, "--out-dir", str(out_dir),
+                    "--seed", str(seed)], check=True, capture_output=True, cwd=ROOT)
+    wall = time.perf_counter() - start
+    # ru_maxrss of children is the largest of any child so far, in KiB on Linux.
+    peak = max(before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
+    return wall, load_checkpoint(out_dir / "best.pt")[1]["test_acc"], peak
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", default=os.environ.get("MNIST_DATA_DIR", "data"))
+    parser.add_argument("--repeats", type=int, default=5, help="runs per throughput figure (median)")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds for time-to-accuracy and the default run")
+    parser.add_argument("--fast", nargs="*", default=["--epochs", "3"],
+                        help="train.py flags of the time-to-99%% recipe (default: --epochs 3)")
+    parser.add_argument("--out-dir", type=Path, default=Path("runs/benchmark"))
+    args = parser.parse_args()
+
+    cfg = Config()
+    splits = load_splits(args.data_dir, cfg.val_size, cfg.split_seed, download=False)
+    from torchvision import transforms
+    reference_data = ReferenceMNIST(splits["train"].images, splits["train"].labels, transforms.Compose(
+        [transforms.ToTensor(), transforms.Normalize((MNIST_MEAN,), (MNIST_STD,))]))
+    rows = []
+
+    n_images = 12_800
+    pairs = [(ours(splits["train"], cfg, n_images), reference(reference_data, n_images)) for _ in range(args.repeats)]
+    ours_ips, ref_ips = statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
+    ratio = statistics.median(p[0] / p[1] for p in pairs)
+    peak, peak_how = peak_flops()
+    flops = cnn_train_flops()
+    rows += [
+        ("train images/s, ours (batch %d, channels-last)" % cfg.batch_size, f"{ours_ips:,.0f}"),
+        ("train images/s, reference post (PIL list, DataLoader, batch 64)", f"{ref_ips:,.0f}"),
+        ("speed-up, ours / reference, same run", f"{ratio:.2f}x"),
+        ("FLOPs per training image (from layer shapes)", f"{flops / 1e6:.2f} M"),
+        (f"share of FP32 peak ({peak / 1e9:.0f} GFLOP/s = {peak_how})", f"{ours_ips * flops / peak:.1%}"),
+    ]
+
+    fast_cfg = parse_args(args.fast)
+    runs = [time_to_accuracy(splits, parse_args([*args.fast, "--seed", str(seed)]), 0.99) for seed in range(args.seeds)]
+    reached = [seconds for seconds, _, _ in runs if seconds is not None]
+    rows += [
+        (f"time to 99.0% test accuracy ({' '.join(args.fast)}: batch {fast_cfg.batch_size}, lr {fast_cfg.lr}), "
+         f"median of {args.seeds} seeds", f"{statistics.median(reached):.1f} s" if len(reached) * 2 > len(runs) else "not reached"),
+        ("  per seed: seconds (epochs, test accuracy)",
+         ", ".join("-" if s is None else f"{s:.1f} ({e}, {a:.2%})" for s, e, a in runs)),
+    ]
+
+    eval_ips = statistics.median(
+        len(splits["test"]) / timed(lambda: model_logits(CNN().eval(), splits["test"].images, cfg.eval_batch_size))
+        for _ in range(args.repeats))
+    rows.append((f"evaluation images/s (batch {cfg.eval_batch_size})", f"{eval_ips:,.0f}"))
+
+    whole = [default_run(args.data_dir, args.out_dir / f"default-seed{i}", i) for i in range(args.seeds)]
+    rows += [
+        (f"default `python train.py`: wall time, median of {args.seeds} seeds", f"{statistics.median(w for w, _, _ in whole):.1f} s"),
+        ("default `python train.py`: test accuracy, median (per seed)", f"{statistics.median(a for _, a, _ in whole):.2%} "
+         f"({', '.join(f'{a:.2%}' for _, a, _ in whole)})"),
+        ("default `python train.py`: peak RSS", f"{max(m for _, _, m in whole):,.0f} MiB"),
+    ]
+
+    width = max(len(name) for name, _ in rows)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+if __name__ == "__main__":
+    main()
