@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 import plots
-from config import Parser, UserError
+from config import Config, Parser, UserError
 from data import MNISTData, load_split
 from model import count_parameters, load_checkpoint, model_logits
 from train import scores
@@ -98,7 +98,7 @@ def parse_args(argv):
     parser.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
                         help="download MNIST into the data dir if it is missing (default: on)")
     parser.add_argument("--out-dir", type=Path, default=Path("runs/eval"), help="folder for the figures (default: runs/eval)")
-    parser.add_argument("--batch-size", type=int, default=2000, help="evaluation batch size (default: 2000)")
+    parser.add_argument("--batch-size", type=int, default=Config().eval_batch_size, help="evaluation batch size (default: config.py's eval_batch_size)")
     return parser.parse_args(argv)
 
 

@@ -166,7 +166,7 @@ def _as_uint8_batch(images) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def model_logits(model: nn.Module, pixels: torch.Tensor, batch_size: int = 2000) -> torch.Tensor:
+def model_logits(model: nn.Module, pixels: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
     """float32 logits (N, 10), on the model's device, of uint8 digits (N, 28, 28) normalised as in training."""
     model.eval()
     device = next(model.parameters()).device
@@ -176,7 +176,7 @@ def model_logits(model: nn.Module, pixels: torch.Tensor, batch_size: int = 2000)
     ])
 
 
-def predict(model: nn.Module, images, batch_size: int = 2000) -> tuple[torch.Tensor, torch.Tensor]:
+def predict(model: nn.Module, images, batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
     """Classify digits, light on dark like MNIST. Returns (classes (N,), probabilities (N, 10)) on the CPU."""
     probs = F.softmax(model_logits(model, _as_uint8_batch(images), batch_size), dim=1).cpu()
     return probs.argmax(dim=1), probs

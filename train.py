@@ -11,6 +11,7 @@ evaluation of the best model.
 import contextlib
 import json
 import math
+import shlex
 import signal
 import sys
 import time
@@ -34,10 +35,11 @@ RESUMABLE_CHANGES = {"data_dir", "download", "out_dir", "epochs", "eval_batch_si
 
 
 class Diverged(UserError):
-    pass
+    """The loss became NaN or inf; main() exits 1 rather than 2, since no input was wrong."""
 
 
 def pick_device(name: str) -> torch.device:
+    """config.device as a torch.device; 'auto' takes the fastest that is there."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -114,9 +116,10 @@ def train_epoch(model, optimizer, scheduler, scaler, split, cfg, epoch, progress
     loss_sum = torch.tensor(progress["loss_sum"], device=device)
     correct = torch.tensor(progress["correct"], device=device)
     seen, step = progress["seen"], progress["step"]
+    autocast_dtype = amp_dtype(device)
     bar = tqdm(total=steps, initial=step, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=None)
     for images, labels in split.batches(cfg.batch_size, order, start=step):
-        with torch.autocast(device.type, dtype=amp_dtype(device), enabled=cfg.amp):
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=cfg.amp):
             logits = model(images.contiguous(memory_format=MEMORY_FORMAT))
             loss = F.cross_entropy(logits.float(), labels)
         optimizer.zero_grad(set_to_none=True)
@@ -255,7 +258,8 @@ def new_progress() -> dict:
 
 
 def interrupted(cfg: Config) -> int:
-    print(f"interrupted; last.pt is saved. To continue: python train.py --out-dir {cfg.out_dir} --resume", file=sys.stderr)
+    print(f"interrupted; last.pt is saved. To continue: python train.py --out-dir {shlex.quote(cfg.out_dir)} --resume",
+          file=sys.stderr)
     return 130
 
 

@@ -13,7 +13,6 @@ two pipelines are compared within the same run, because this machine is shared a
 import argparse
 import math
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -138,16 +137,22 @@ def time_to_accuracy(splits, cfg: Config, target: float) -> tuple[float | None, 
 
 # --- (c) the whole default run -------------------------------------------------------------
 
+# Runs a script as __main__ and reports the process's own peak RSS (KiB on Linux) as it exits. The parent's
+# RUSAGE_CHILDREN would not do: it can count this large benchmark process's pages in the child before exec.
+REPORT_PEAK_RSS = ("import atexit, resource, runpy, sys; atexit.register(lambda: print('peak-rss-kib', "
+                   "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)); "
+                   "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
 def default_run(data_dir: str, out_dir: Path, seed: int) -> tuple[float, float, float]:
     """Wall seconds, test accuracy and peak RSS (MiB) of `python train.py` with the defaults but the seed."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     start = time.perf_counter()
-    subprocess.run([sys.executable, str(ROOT / "train.py"), "--data-dir", data_dir, "--out-dir", str(out_dir),
-                    "--seed", str(seed)], check=True, capture_output=True, cwd=ROOT)
+    result = subprocess.run([sys.executable, "-c", REPORT_PEAK_RSS, str(ROOT / "train.py"), "--data-dir", data_dir,
+                             "--out-dir", str(out_dir), "--seed", str(seed)],
+                            check=True, capture_output=True, text=True, cwd=ROOT)
     wall = time.perf_counter() - start
-    # ru_maxrss of children is the largest of any child so far, in KiB on Linux.
-    peak = max(before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
-    return wall, load_checkpoint(out_dir / "best.pt")[1]["test_acc"], peak
+    peak_kib = int(result.stderr.split("peak-rss-kib")[-1].split()[0])
+    return wall, load_checkpoint(out_dir / "best.pt")[1]["test_acc"], peak_kib / 1024
 
 
 def main() -> None:
@@ -188,11 +193,11 @@ def main() -> None:
         (f"time to 99.0% test accuracy ({' '.join(args.fast)}: batch {fast_cfg.batch_size}, lr {fast_cfg.lr}), "
          f"median of {args.seeds} seeds", f"{statistics.median(reached):.1f} s" if len(reached) * 2 > len(runs) else "not reached"),
         ("  per seed: seconds (epochs, test accuracy)",
-         ", ".join("-" if s is None else f"{s:.1f} ({e}, {a:.2%})" for s, e, a in runs)),
+         ", ".join(f"{'not reached' if s is None else f'{s:.1f}'} ({e}, {a:.2%})" for s, e, a in runs)),
     ]
 
     eval_ips = statistics.median(
-        len(splits["test"]) / timed(lambda: model_logits(CNN().eval(), splits["test"].images, cfg.eval_batch_size))
+        len(splits["test"]) / timed(lambda: model_logits(build_model("cnn"), splits["test"].images, cfg.eval_batch_size))
         for _ in range(args.repeats))
     rows.append((f"evaluation images/s (batch {cfg.eval_batch_size})", f"{eval_ips:,.0f}"))
 

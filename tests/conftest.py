@@ -73,17 +73,19 @@ def run_cli(script: str, *args, timeout=120, **kwargs) -> subprocess.CompletedPr
                           timeout=timeout, cwd=ROOT, **kwargs)
 
 
+def call_main(capsys, main, args) -> subprocess.CompletedProcess:
+    """Call a script's main() in this process (no 5 s torch import) and return what a subprocess run would."""
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess([main.__module__, *args], code, out, err)
+
+
 @pytest.fixture
 def run_main(capsys):
-    """Call train.main in this process (no 5 s torch import) and return what a subprocess run would."""
+    """train.py's main, run in this process."""
     import train
-
-    def run(*args) -> subprocess.CompletedProcess:
-        capsys.readouterr()
-        code = train.main(list(map(str, args)))
-        out, err = capsys.readouterr()
-        return subprocess.CompletedProcess(["train.py", *args], code, out, err)
-    return run
+    return lambda *args: call_main(capsys, train.main, args)
 
 
 @pytest.fixture(scope="session")

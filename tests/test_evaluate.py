@@ -4,7 +4,7 @@ import torch
 from nbclient import NotebookClient
 
 import evaluate
-from conftest import ROOT, fast_args
+from conftest import ROOT, call_main, fast_args
 from data import MNISTData, load_split
 from model import load_checkpoint
 from test_faults import one_line_error
@@ -12,15 +12,8 @@ from test_faults import one_line_error
 
 @pytest.fixture
 def run_evaluate(capsys):
-    """Call evaluate.main in this process and return (exit code, stdout, stderr) like a subprocess."""
-    import subprocess
-
-    def run(*args):
-        capsys.readouterr()
-        code = evaluate.main(list(map(str, args)))
-        out, err = capsys.readouterr()
-        return subprocess.CompletedProcess(["evaluate.py", *args], code, out, err)
-    return run
+    """evaluate.py's main, run in this process."""
+    return lambda *args: call_main(capsys, evaluate.main, args)
 
 
 @pytest.fixture(scope="module")
