@@ -108,7 +108,8 @@ def load_split(data_dir: str, train: bool, download: bool) -> tuple[torch.Tensor
             with contextlib.redirect_stdout(io.StringIO()):  # torchvision prints a line per mirror tried
                 torchvision.datasets.MNIST(root, train=train, download=True)
         except (RuntimeError, OSError) as e:
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            # torchvision lists every mirror it tried; its last line holds the last mirror's reason.
+            reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
             raise UserError(f"could not download MNIST into {raw} ({reason}); check the network, or copy the four IDX files there") from None
     images_file, labels_file = RAW_FILES["train" if train else "test"]
     n = _check_idx(raw / images_file, IDX_IMAGES_MAGIC)
