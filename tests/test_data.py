@@ -95,6 +95,15 @@ def test_corrupt_file_is_named(damaged, damage, message):
     assert str(path) in str(err.value)
 
 
+def test_unreadable_file_is_named(damaged, monkeypatch):
+    """A file the OS will not let us read (tests run as root, so the refusal is simulated) is named with the reason."""
+    def refuse(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+    monkeypatch.setattr(data, "open", refuse, raising=False)  # data.py's own `open`, not the builtin
+    with pytest.raises(UserError, match=rf"cannot read {damaged}/MNIST/raw/train-images-idx3-ubyte: Permission denied"):
+        load_split(damaged, train=True, download=False)
+
+
 def test_mismatched_label_file_is_named(damaged):
     """A label file whose count differs from its image file is caught before training."""
     write_idx(damaged / "MNIST" / "raw" / RAW_FILES["train"][1], np.zeros(N_TRAIN - 1, dtype=np.uint8))
