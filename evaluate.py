@@ -1,4 +1,4 @@
-"""Evaluate saved checkpoints on the MNIST test set, compare them, and draw the figures.
+"""Evaluate checkpoints on the MNIST test set, compare them side by side, and draw figures.
 
     python evaluate.py runs/cnn/best.pt
     python evaluate.py runs/cnn/best.pt runs/fcnn/best.pt --data-dir ../shared/data --out-dir docs

@@ -62,6 +62,15 @@ def test_edits_to_config_py_are_checked_too():
         config.check(Config(epochs=True))
 
 
+def test_help_lists_every_flag(capsys):
+    """--help prints usage with every field's flag and exits 0."""
+    with pytest.raises(SystemExit) as done:
+        parse_args(["--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    assert all(f"--{f.name.replace('_', '-')}" in text for f in fields(Config))
+
+
 def test_cli_prints_one_line_and_no_traceback(tmp_path):
     """An unknown flag on the real command line exits 2 with a single 'error:' line."""
     result = run_cli("train.py", "--epoch", "3", "--out-dir", tmp_path)

@@ -38,6 +38,13 @@ def test_evaluate_writes_every_figure_and_the_comparison(trained_run, fcnn_run, 
     assert f"{cnn}" in table and "8,490" in table and f"{784 * 32 + 32 + 330:,}" in table
 
 
+def test_evaluate_help(capsys):
+    """evaluate.py --help describes the checkpoints argument and exits 0."""
+    with pytest.raises(SystemExit) as done:
+        evaluate.parse_args(["--help"])
+    assert done.value.code == 0 and "checkpoints" in capsys.readouterr().out
+
+
 def test_train_saves_its_curves(trained_run):
     """train.py leaves a curves figure beside its checkpoints."""
     assert (trained_run / "curves.png").stat().st_size > 10_000
