@@ -118,9 +118,9 @@ def main(argv=None) -> int:
             print("\n" + format_comparison(results))
         try:
             args.out_dir.mkdir(parents=True, exist_ok=True)
-            written = draw_figures(results, test, args.out_dir)
         except OSError as e:
             raise UserError(f"cannot write figures to {args.out_dir} ({e.strerror}); pass --out-dir with a writable folder") from None
+        written = draw_figures(results, test, args.out_dir)
         print(f"\nfigures: {', '.join(str(p) for p in written)}")
         return 0
     except UserError as e:

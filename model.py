@@ -81,7 +81,8 @@ def atomic_write(path, data: bytes) -> None:
     """Replace `path` with `data` so that a crash at any moment leaves either the old file or the new one.
 
     The bytes go to a temporary file in the same folder, are flushed to disk, and only then renamed
-    over `path`; a rename within one file system is atomic.
+    over `path`; a rename within one file system is atomic. A failed write (a full disk, say) raises
+    UserError and leaves the old file as it was.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -91,8 +92,10 @@ def atomic_write(path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise UserError(f"could not save {path}: {e.strerror or e}; the previous file is unchanged") from None
         raise
     try:  # make the rename itself durable; not every platform can open a folder
         fd = os.open(path.parent, os.O_RDONLY)
@@ -108,10 +111,7 @@ def save_checkpoint(ckpt: dict, path) -> None:
     """Write a checkpoint dict atomically, with every tensor moved to the CPU."""
     buffer = io.BytesIO()
     torch.save(to_cpu(ckpt), buffer)
-    try:
-        atomic_write(path, buffer.getvalue())
-    except OSError as e:
-        raise UserError(f"could not save {path}: {e.strerror or e}; the previous file is unchanged") from None
+    atomic_write(path, buffer.getvalue())
 
 
 def read_checkpoint(path, device="cpu") -> dict:

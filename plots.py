@@ -2,6 +2,7 @@
 
 Each function takes plain numbers or tensors, writes one PNG, and returns its path.
 """
+import io
 from pathlib import Path
 
 import matplotlib
@@ -10,14 +11,18 @@ matplotlib.use("Agg")  # files only: works on servers and in CI without a displa
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from model import atomic_write  # noqa: E402
+
 DPI = 120
 
 
 def _save(fig, path) -> Path:
-    path = Path(path)
-    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    """Write the figure as PNG, atomically like the checkpoints, and free it."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight")
     plt.close(fig)
-    return path
+    atomic_write(path, buffer.getvalue())
+    return Path(path)
 
 
 def plot_curves(histories: dict[str, list[dict]], path) -> Path:

@@ -107,6 +107,14 @@ def test_data_dir_without_mnist_and_download_off(trained_run, tmp_path, run_eval
     assert f"MNIST is not in {tmp_path}/MNIST/raw; drop --no-download" in one_line_error(result)
 
 
+def test_figures_folder_that_cannot_be_made(trained_run, mnist_dir, tmp_path, run_evaluate):
+    """An --out-dir inside a file is reported in one line; the evaluation itself is not lost from the output."""
+    (tmp_path / "file").write_text("")
+    result = run_evaluate(trained_run / "best.pt", "--data-dir", mnist_dir, "--out-dir", tmp_path / "file" / "figs")
+    assert "cannot write figures to" in one_line_error(result)
+    assert "accuracy" in result.stdout
+
+
 def test_notebook_runs_top_to_bottom(trained_run, monkeypatch):
     """The inference notebook executes every cell against a freshly trained checkpoint, without errors."""
     monkeypatch.setenv("MNIST_CHECKPOINT", str(trained_run / "best.pt"))

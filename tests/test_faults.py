@@ -169,6 +169,24 @@ def test_divergence_stops_with_advice_and_keeps_the_good_checkpoints(mnist_dir, 
     assert {name: (out / name).read_bytes() for name in before} == before
 
 
+def test_disk_full_during_training_is_one_line_and_keeps_the_old_checkpoints(mnist_dir, trained_run, tmp_path,
+                                                                              run_main, monkeypatch):
+    """When the disk fills up at the first save of a run, it stops with one line and the earlier files are intact."""
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("best.pt", "last.pt"):
+        (out / name).write_bytes((trained_run / name).read_bytes())
+    before = {name: (out / name).read_bytes() for name in ("best.pt", "last.pt")}
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(model_module.os, "fsync", disk_full)
+    message = one_line_error(run_main(*fast_args(mnist_dir, out)))
+    assert "could not save" in message and "No space left on device; the previous file is unchanged" in message
+    assert {name: (out / name).read_bytes() for name in before} == before
+    assert not list(out.glob(".*.tmp"))
+
+
 def test_resume_with_another_model_names_the_mismatch(trained_run, run_main):
     """--resume with a different --model is refused, naming the field and both values."""
     result = run_main("--out-dir", trained_run, "--resume", "--model", "fcnn")
