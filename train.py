@@ -91,6 +91,16 @@ def lr_factor(step: int, total_steps: int, schedule: str, warmup: float) -> floa
     return max(0.0, (total_steps - step) / max(1, total_steps - warm))
 
 
+def make_optimizer(model, cfg: Config, steps_per_epoch: int):
+    """SGD with the config's settings, and its learning-rate schedule stepped once per batch over cfg.epochs."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+    total_steps = cfg.epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total_steps, cfg.schedule, cfg.warmup))
+    return optimizer, scheduler
+
+
 def model_args(cfg: Config) -> dict:
     return {"hidden": cfg.fcnn_hidden} if cfg.model == "fcnn" else {}
 
@@ -188,11 +198,7 @@ def train(cfg: Config, resumed=None, stop_requested=lambda: False) -> int:
     print(f"data: {len(splits['train'])} train, {len(splits['val'])} val, {len(splits['test'])} test images on {device}")
 
     model = (resumed[0] if resumed else build_model(cfg.model, **model_args(cfg))).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
-    total_steps = cfg.epochs * math.ceil(len(splits["train"]) / cfg.batch_size)
-    factor = lambda step: lr_factor(step, total_steps, cfg.schedule, cfg.warmup)  # noqa: E731
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    optimizer, scheduler = make_optimizer(model, cfg, steps_per_epoch=math.ceil(len(splits["train"]) / cfg.batch_size))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and amp_dtype(device) == torch.float16)
     run = {"epoch": 0, "epoch_progress": new_progress(), "history": [], "best_epoch": 0, "best_val_acc": -1.0}
     if resumed:
@@ -202,7 +208,7 @@ def train(cfg: Config, resumed=None, stop_requested=lambda: False) -> int:
         scaler.load_state_dict(ckpt["scaler"])
         torch.set_rng_state(ckpt["rng"].cpu())
         for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):  # --epochs may have stretched the schedule
-            group["lr"] = base_lr * factor(scheduler.last_epoch)
+            group["lr"] = base_lr * scheduler.lr_lambdas[0](scheduler.last_epoch)
         run = {key: ckpt[key] for key in run}
         print(f"resuming from {out_dir / 'last.pt'}: epoch {run['epoch'] + 1}, step {run['epoch_progress']['step']}")
     net = torch.compile(model) if cfg.compile else model  # checkpoints are saved from `model`, never the compiled wrapper

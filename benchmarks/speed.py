@@ -91,14 +91,14 @@ def images_per_second(batches, model, optimizer, n_images: int) -> float:
     return seen / (time.perf_counter() - start)
 
 
-def ours(train_split, cfg: Config, n_images: int) -> float:
-    model = build_model("cnn")
+def ours(train_split, cfg: Config, n_images: int, memory_format=MEMORY_FORMAT) -> float:
+    model = build_model("cnn").to(memory_format=memory_format)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                 weight_decay=cfg.weight_decay)
 
     def batches(epoch):
         order = epoch_order(len(train_split), 0, epoch, "cpu")
-        return ((x.contiguous(memory_format=MEMORY_FORMAT), y) for x, y in train_split.batches(cfg.batch_size, order))
+        return ((x.contiguous(memory_format=memory_format), y) for x, y in train_split.batches(cfg.batch_size, order))
     images_per_second(batches(0), model, optimizer, cfg.batch_size * 3)  # warm-up: oneDNN picks its kernels
     return images_per_second(batches(1), model, optimizer, n_images)
 
@@ -117,11 +117,7 @@ def time_to_accuracy(splits, cfg: Config, target: float) -> tuple[float | None, 
     """Train with cfg, testing after every epoch; return (training seconds to reach target or None, epochs, accuracy)."""
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                                weight_decay=cfg.weight_decay)
-    total = cfg.epochs * math.ceil(len(splits["train"]) / cfg.batch_size)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: train.lr_factor(step, total, cfg.schedule, cfg.warmup))
+    optimizer, scheduler = train.make_optimizer(model, cfg, math.ceil(len(splits["train"]) / cfg.batch_size))
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     elapsed, accuracy = 0.0, 0.0
     for epoch in range(cfg.epochs):
@@ -173,27 +169,30 @@ def main() -> None:
     rows = []
 
     n_images = 12_800
-    pairs = [(ours(splits["train"], cfg, n_images), reference(reference_data, n_images)) for _ in range(args.repeats)]
-    ours_ips, ref_ips = statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
-    ratio = statistics.median(p[0] / p[1] for p in pairs)
+    runs = [(ours(splits["train"], cfg, n_images), reference(reference_data, n_images),
+             ours(splits["train"], cfg, n_images, torch.contiguous_format)) for _ in range(args.repeats)]
+    ours_ips, ref_ips = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+    ratio = statistics.median(r[0] / r[1] for r in runs)
+    channels_last_gain = statistics.median(r[0] / r[2] for r in runs)
     peak, peak_how = peak_flops()
     flops = cnn_train_flops()
     rows += [
         ("train images/s, ours (batch %d, channels-last)" % cfg.batch_size, f"{ours_ips:,.0f}"),
         ("train images/s, reference post (PIL list, DataLoader, batch 64)", f"{ref_ips:,.0f}"),
         ("speed-up, ours / reference, same run", f"{ratio:.2f}x"),
+        ("speed-up, channels-last / contiguous (NCHW) tensors, same run", f"{channels_last_gain:.2f}x"),
         ("FLOPs per training image (from layer shapes)", f"{flops / 1e6:.2f} M"),
         (f"share of FP32 peak ({peak / 1e9:.0f} GFLOP/s = {peak_how})", f"{ours_ips * flops / peak:.1%}"),
     ]
 
     fast_cfg = parse_args(args.fast)
-    runs = [time_to_accuracy(splits, parse_args([*args.fast, "--seed", str(seed)]), 0.99) for seed in range(args.seeds)]
-    reached = [seconds for seconds, _, _ in runs if seconds is not None]
+    seeds = [time_to_accuracy(splits, parse_args([*args.fast, "--seed", str(seed)]), 0.99) for seed in range(args.seeds)]
+    reached = [seconds for seconds, _, _ in seeds if seconds is not None]
     rows += [
         (f"time to 99.0% test accuracy ({' '.join(args.fast)}: batch {fast_cfg.batch_size}, lr {fast_cfg.lr}), "
-         f"median of {args.seeds} seeds", f"{statistics.median(reached):.1f} s" if len(reached) * 2 > len(runs) else "not reached"),
+         f"median of {args.seeds} seeds", f"{statistics.median(reached):.1f} s" if len(reached) * 2 > len(seeds) else "not reached"),
         ("  per seed: seconds (epochs, test accuracy)",
-         ", ".join(f"{'not reached' if s is None else f'{s:.1f}'} ({e}, {a:.2%})" for s, e, a in runs)),
+         ", ".join(f"{'not reached' if s is None else f'{s:.1f}'} ({e}, {a:.2%})" for s, e, a in seeds)),
     ]
 
     eval_ips = statistics.median(

@@ -81,13 +81,15 @@ def test_loaded_checkpoint_gives_the_trained_models_logits(trained_run, mnist_di
 
 
 def test_resume_continues_the_epoch_count_and_history(mnist_dir, tmp_path):
-    """--resume with more epochs starts after the saved epoch and extends the history, not restarts it."""
+    """--resume with more epochs starts after the saved epoch, extends the history and stretches the schedule."""
     assert train.main(fast_args(mnist_dir, tmp_path)) == 0
     first = load_checkpoint(tmp_path / "last.pt")[1]
     assert train.main(fast_args(mnist_dir, tmp_path, "--epochs", 3, "--resume")) == 0
     last = load_checkpoint(tmp_path / "last.pt")[1]
     assert last["epoch"] == 3 and [row["epoch"] for row in last["history"]] == [1, 2, 3]
     assert last["history"][0] == first["history"][0]
+    # The one-cycle schedule had decayed to 0 at the old end; it is stretched to the new one instead.
+    assert first["history"][0]["lr"] == 0.0 and last["history"][1]["lr"] > 0.0 and last["history"][2]["lr"] == 0.0
 
 
 # stop_requested() is asked after every step, and once more after each epoch's checkpoint.
