@@ -105,13 +105,13 @@ def parse_args(argv=None, base: Config | None = None) -> Config:
     base = base or Config()
     parser = Parser(description="Train a CNN (or the FCNN baseline) on MNIST.", allow_abbrev=False)
     for f in fields(Config):
-        help = f"{f.metadata['help']} (default: {getattr(base, f.name)})".replace("%", "%%")  # argparse formats help with %
+        text = f"{f.metadata['help']} (default: {getattr(base, f.name)})".replace("%", "%%")  # argparse formats help with %
         if f.type is bool:
-            parser.add_argument(f"--{flag(f.name)}", action=argparse.BooleanOptionalAction, default=MISSING, help=help)
+            parser.add_argument(f"--{flag(f.name)}", action=argparse.BooleanOptionalAction, default=MISSING, help=text)
         else:
             choices = f.metadata["choices"]
             metavar = "{" + ",".join(choices) + "}" if choices else f.type.__name__.upper()
-            parser.add_argument(f"--{flag(f.name)}", default=MISSING, metavar=metavar, help=help)
+            parser.add_argument(f"--{flag(f.name)}", default=MISSING, metavar=metavar, help=text)
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         valid = [f"--{flag(f.name)}" for f in fields(Config)]
