@@ -52,16 +52,11 @@ class MNISTData(Dataset):
     def to(self, device) -> "MNISTData":
         return MNISTData(self.images.to(device), self.labels.to(device), self.transform)
 
-    def batches(self, batch_size: int, order: torch.Tensor | None = None, start: int = 0):
-        """Yield normalised (images, labels) batches in `order` (default: as stored), from batch `start` on."""
-        n = len(self)
-        for first in range(start * batch_size, n, batch_size):
-            if order is None:
-                images, labels = self.images[first:first + batch_size], self.labels[first:first + batch_size]
-            else:
-                index = order[first:first + batch_size]
-                images, labels = self.images[index], self.labels[index]
-            yield normalize(images), labels
+    def batches(self, batch_size: int, order: torch.Tensor, start: int = 0):
+        """Yield normalised (images, labels) batches in `order` (a permutation of the indices), from batch `start` on."""
+        for first in range(start * batch_size, len(self), batch_size):
+            index = order[first:first + batch_size]
+            yield normalize(self.images[index]), self.labels[index]
 
 
 def epoch_order(n: int, seed: int, epoch: int, device) -> torch.Tensor:

@@ -7,7 +7,7 @@ import torchvision
 
 import data
 from config import UserError
-from conftest import N_TEST, N_TRAIN, REAL_DATA, needs_real_data, synthetic_digits, write_idx, write_mnist
+from conftest import N_TEST, N_TRAIN, REAL_DATA, needs_real_data, synthetic_digits, write_idx
 from data import MNIST_MEAN, MNIST_STD, RAW_FILES, load_split, load_splits
 
 

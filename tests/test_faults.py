@@ -4,14 +4,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 import model as model_module
 import train
-from conftest import ROOT, fast_args, run_cli
+from conftest import ROOT, fast_args
 from model import atomic_write, load_checkpoint, save_checkpoint
 
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import train
 from config import parse_args
 from conftest import N_TRAIN, REAL_DATA, fast_args, needs_real_data, run_cli
-from data import load_splits
+from data import load_splits, normalize
 from model import CNN, build_model, load_checkpoint
 
 STEPS_PER_EPOCH = (N_TRAIN - 100) // 50  # fast_args: val 100, batch 50
@@ -16,7 +16,8 @@ STEPS_PER_EPOCH = (N_TRAIN - 100) // 50  # fast_args: val 100, batch 50
 def test_loss_drops_on_a_fixed_batch(mnist_dir):
     """Twenty SGD steps on one fixed batch cut its cross-entropy by more than half."""
     torch.manual_seed(0)
-    images, labels = next(load_splits(mnist_dir, 100, 0, download=False)["train"].batches(64))
+    train_split = load_splits(mnist_dir, 100, 0, download=False)["train"]
+    images, labels = normalize(train_split.images[:64]), train_split.labels[:64]
     model = CNN()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     losses = []
@@ -74,7 +75,7 @@ def test_loaded_checkpoint_gives_the_trained_models_logits(trained_run, mnist_di
     twin = build_model("cnn")  # a fresh model given the raw state dict, as a user would
     twin.load_state_dict(ckpt["model"])
     test = load_splits(mnist_dir, 100, 0, download=False)["test"]
-    images = next(test.batches(len(test)))[0]
+    images = normalize(test.images)
     assert torch.equal(model(images), twin(images))
     _, accuracy = train.evaluate(model, test, 1000)
     assert accuracy == ckpt["test_acc"]
