@@ -50,8 +50,9 @@ class Config:
     device: str = opt("auto", "'auto' picks cuda, then mps, then cpu", choices=("auto", "cpu", "cuda", "mps"))
     amp: bool = opt(False, "bfloat16/float16 mixed precision (CUDA only)")
     compile: bool = opt(False, "torch.compile the model (first epoch pays the compile time)")
-    out_dir: str = opt("runs", "folder for best.pt, last.pt, metrics.json and curves.png")
-    resume: bool = opt(False, "continue the run saved in out_dir/last.pt")
+    out_dir: str = opt("runs", "folder that holds one sub-folder per run (best.pt, last.pt, metrics.json, curves.png)")
+    run_name: str = opt("", "the run's sub-folder; empty: a new one named by start time and model, or with --resume the latest run")
+    resume: bool = opt(False, "continue the run named by --run-name (default: the latest run) from its last.pt")
 
 
 def check(cfg: Config) -> Config:

@@ -1,7 +1,7 @@
 """Evaluate checkpoints on the MNIST test set, compare them side by side, and draw figures.
 
-    python evaluate.py runs/cnn/best.pt
-    python evaluate.py runs/cnn/best.pt runs/fcnn/best.pt --data-dir ../shared/data --out-dir docs
+    python evaluate.py                                  # the latest run's best.pt
+    python evaluate.py runs/20261130-142301-cnn/best.pt runs/20261130-150944-fcnn/best.pt --out-dir docs
 """
 import argparse
 import statistics
@@ -14,6 +14,7 @@ import plots
 from config import Config, Parser, UserError
 from data import MNISTData, load_split
 from model import count_parameters, load_checkpoint, model_logits
+from rundir import latest_checkpoint
 from train import scores
 
 
@@ -93,7 +94,8 @@ def draw_figures(results: dict[str, dict], test: MNISTData, out_dir: Path) -> li
 
 def parse_args(argv):
     parser = Parser(description=__doc__.splitlines()[0], allow_abbrev=False)
-    parser.add_argument("checkpoints", nargs="+", type=Path, help="best.pt or last.pt files written by train.py")
+    parser.add_argument("checkpoints", nargs="*", type=Path,
+                        help="best.pt or last.pt files written by train.py (default: the latest run's best.pt)")
     parser.add_argument("--data-dir", help="folder holding MNIST/raw/ (default: the first checkpoint's data_dir)")
     parser.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
                         help="download MNIST into the data dir if it is missing (default: on)")
@@ -107,6 +109,7 @@ def main(argv=None) -> int:
         args = parse_args(sys.argv[1:] if argv is None else argv)
         if args.batch_size < 1:
             raise UserError(f"--batch-size must be > 0, got {args.batch_size}")
+        args.checkpoints = args.checkpoints or [latest_checkpoint(Config().out_dir)]
         loaded = [load_checkpoint(path) for path in args.checkpoints]  # a bad path fails before the data is read
         data_dir = args.data_dir or loaded[0][1].get("config", {}).get("data_dir", "data")
         test = MNISTData(*load_split(data_dir, train=False, download=args.download))

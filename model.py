@@ -5,7 +5,6 @@
     classes, probs = predict(model, images)             # PIL images, uint8 arrays or tensors
 """
 import io
-import os
 import pickle
 import re
 from pathlib import Path
@@ -17,6 +16,7 @@ from torch import nn
 
 from config import UserError
 from data import normalize
+from rundir import atomic_write
 
 
 class CNN(nn.Module):
@@ -75,36 +75,6 @@ def to_cpu(value):
     if isinstance(value, (list, tuple)):
         return type(value)(to_cpu(v) for v in value)
     return value
-
-
-def atomic_write(path, data: bytes) -> None:
-    """Replace `path` with `data` so that a crash at any moment leaves either the old file or the new one.
-
-    The bytes go to a temporary file in the same folder, are flushed to disk, and only then renamed
-    over `path`; a rename within one file system is atomic. A failed write (a full disk, say) raises
-    UserError and leaves the old file as it was.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise UserError(f"could not save {path}: {e.strerror or e}; the previous file is unchanged") from None
-        raise
-    try:  # make the rename itself durable; not every platform can open a folder
-        fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save_checkpoint(ckpt: dict, path) -> None:

@@ -11,7 +11,7 @@ matplotlib.use("Agg")  # files only: works on servers and in CI without a displa
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from model import atomic_write  # noqa: E402
+from rundir import atomic_write  # noqa: E402
 
 DPI = 120
 

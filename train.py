@@ -15,7 +15,7 @@ import shlex
 import signal
 import sys
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import torch
@@ -24,14 +24,15 @@ from tqdm import tqdm
 
 import config
 import plots
+import rundir
 from config import Config, UserError
 from data import MNIST_MEAN, MNIST_STD, MNISTData, epoch_order, load_splits
-from model import (MEMORY_FORMAT, atomic_write, build_model, count_parameters, load_checkpoint, model_logits,
-                   save_checkpoint)
+from model import MEMORY_FORMAT, build_model, count_parameters, load_checkpoint, model_logits, save_checkpoint
+from rundir import atomic_write
 
 # Settings that --resume may change: they say where things are, how far to go, or how fast,
 # not what is learned. Any other difference from the saved run is refused.
-RESUMABLE_CHANGES = {"data_dir", "download", "out_dir", "epochs", "eval_batch_size", "device", "compile", "resume"}
+RESUMABLE_CHANGES = {"data_dir", "download", "out_dir", "run_name", "epochs", "eval_batch_size", "device", "compile", "resume"}
 
 
 class Diverged(UserError):
@@ -53,31 +54,18 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def prepare_out_dir(path: str) -> Path:
-    """Create the output folder and prove it is writable now, not after the first epoch."""
-    out = Path(path)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"cannot write to out dir {out} ({e.strerror}); pass --out-dir with a writable folder") from None
-    return out
-
-
 def resume_config(saved: dict, argv) -> Config:
     """The saved run's config with this command line's flags on top; refuse flags that would change what is learned."""
     try:
         base = config.check(Config(**saved))
     except (TypeError, UserError) as e:
-        raise UserError(f"last.pt holds a config this version cannot use ({e}); train into a new --out-dir") from None
+        raise UserError(f"last.pt holds a config this version cannot use ({e}); start a new run instead") from None
     cfg = config.parse_args(argv, base=base)
     changed = [f.name for f in fields(Config)
                if f.name not in RESUMABLE_CHANGES and getattr(cfg, f.name) != getattr(base, f.name)]
     if changed:
         diffs = ", ".join(f"{n} {getattr(base, n)!r} -> {getattr(cfg, n)!r}" for n in changed)
-        raise UserError(f"cannot resume: the saved run differs in {diffs}; drop those flags, or train into a new --out-dir")
+        raise UserError(f"cannot resume: the saved run differs in {diffs}; drop those flags, or start a new run without --resume")
     return cfg
 
 
@@ -185,12 +173,28 @@ def sigint_requests():
 
 
 def train(cfg: Config, resumed=None, stop_requested=lambda: False) -> int:
-    """Run the whole training job; return the process exit code. `resumed` is load_checkpoint()'s (model, ckpt)."""
-    out_dir = prepare_out_dir(cfg.out_dir)
+    """Run the whole training job in its run folder; return the process exit code.
+
+    A fresh run gets a new folder; `resumed` (load_checkpoint()'s (model, ckpt) of a run's last.pt)
+    continues in the folder cfg.run_name names. The folder is locked for as long as the run writes.
+    """
+    run_dir = rundir.find_run(cfg.out_dir, cfg.run_name) if resumed else rundir.new_run_dir(cfg.out_dir, cfg.run_name, cfg.model)
+    cfg = replace(cfg, out_dir=str(run_dir.parent), run_name=run_dir.name)
+    with rundir.locked(run_dir):
+        try:
+            return fit(cfg, run_dir, resumed, stop_requested)
+        finally:
+            if not resumed:
+                rundir.remove_if_unused(run_dir)  # a run that failed before its first save leaves no empty folder
+
+
+def fit(cfg: Config, run_dir: Path, resumed, stop_requested) -> int:
+    """Seed, device, data, model and optimiser, the epoch loop, then the test evaluation; files go to run_dir."""
     device = pick_device(cfg.device)
     if cfg.amp and device.type != "cuda":
         raise UserError(f"--amp needs a CUDA GPU, and this run is on {device.type}; drop --amp")
     print("config: " + " ".join(f"{k}={v}" for k, v in asdict(cfg).items()))
+    print(f"run folder: {run_dir}")
     torch.manual_seed(cfg.seed)
 
     splits = {name: split.to(device) for name, split in
@@ -210,7 +214,7 @@ def train(cfg: Config, resumed=None, stop_requested=lambda: False) -> int:
         for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):  # --epochs may have stretched the schedule
             group["lr"] = base_lr * scheduler.lr_lambdas[0](scheduler.last_epoch)
         run = {key: ckpt[key] for key in run}
-        print(f"resuming from {out_dir / 'last.pt'}: epoch {run['epoch'] + 1}, step {run['epoch_progress']['step']}")
+        print(f"resuming from {run_dir / 'last.pt'}: epoch {run['epoch'] + 1}, step {run['epoch_progress']['step']}")
     net = torch.compile(model) if cfg.compile else model  # checkpoints are saved from `model`, never the compiled wrapper
     print(f"model: {cfg.model}, {count_parameters(model):,} parameters")
 
@@ -229,7 +233,7 @@ def train(cfg: Config, resumed=None, stop_requested=lambda: False) -> int:
                                run["epoch_progress"], stop_requested)
         if progress["seen"] < len(splits["train"]):  # stopped mid-epoch: save exactly where we are
             run["epoch_progress"] = progress
-            save_checkpoint(checkpoint(), out_dir / "last.pt")
+            save_checkpoint(checkpoint(), run_dir / "last.pt")
             return interrupted(cfg)
         val_loss, val_acc = evaluate(net, splits["val"], cfg.eval_batch_size)
         run["history"].append({
@@ -240,22 +244,22 @@ def train(cfg: Config, resumed=None, stop_requested=lambda: False) -> int:
         run["epoch"], run["epoch_progress"] = epoch + 1, new_progress()
         if val_acc > run["best_val_acc"]:
             run["best_epoch"], run["best_val_acc"] = epoch + 1, val_acc
-            save_checkpoint(checkpoint(), out_dir / "best.pt")
-        save_checkpoint(checkpoint(), out_dir / "last.pt")
+            save_checkpoint(checkpoint(), run_dir / "best.pt")
+        save_checkpoint(checkpoint(), run_dir / "last.pt")
         print_row(run["history"][-1], best=run["best_epoch"] == epoch + 1)
-        write_metrics(out_dir, run)
+        write_metrics(run_dir, run)
         if stop_requested():
             return interrupted(cfg)
 
     # One look at the test set, with the model that did best on validation.
-    best, best_ckpt = load_checkpoint(out_dir / "best.pt", device)
+    best, best_ckpt = load_checkpoint(run_dir / "best.pt", device)
     test_loss, test_acc = evaluate(best, splits["test"], cfg.eval_batch_size)
     best_ckpt.update(test_loss=test_loss, test_acc=test_acc)
-    save_checkpoint(best_ckpt, out_dir / "best.pt")
-    write_metrics(out_dir, {**run, "test_loss": test_loss, "test_acc": test_acc})
-    plots.plot_curves({cfg.model: run["history"]}, out_dir / "curves.png")
+    save_checkpoint(best_ckpt, run_dir / "best.pt")
+    write_metrics(run_dir, {**run, "test_loss": test_loss, "test_acc": test_acc})
+    plots.plot_curves({cfg.model: run["history"]}, run_dir / "curves.png")
     print(f"test: loss {test_loss:.4f}, accuracy {test_acc:.2%} (best.pt, epoch {run['best_epoch']}, "
-          f"val {run['best_val_acc']:.2%}); best.pt, last.pt, metrics.json and curves.png are in {out_dir}/")
+          f"val {run['best_val_acc']:.2%}); best.pt, last.pt, metrics.json and curves.png are in {run_dir}/")
     return 0
 
 
@@ -264,14 +268,15 @@ def new_progress() -> dict:
 
 
 def interrupted(cfg: Config) -> int:
-    print(f"interrupted; last.pt is saved. To continue: python train.py --out-dir {shlex.quote(cfg.out_dir)} --resume",
+    where = "" if cfg.out_dir == Config().out_dir else f" --out-dir {shlex.quote(cfg.out_dir)}"
+    print(f"interrupted; last.pt is saved. To continue: python train.py{where} --run-name {shlex.quote(cfg.run_name)} --resume",
           file=sys.stderr)
     return 130
 
 
-def write_metrics(out_dir: Path, run: dict) -> None:
+def write_metrics(run_dir: Path, run: dict) -> None:
     keys = ("history", "best_epoch", "best_val_acc", "test_loss", "test_acc")
-    atomic_write(out_dir / "metrics.json", json.dumps({k: run[k] for k in keys if k in run}, indent=2).encode())
+    atomic_write(run_dir / "metrics.json", json.dumps({k: run[k] for k in keys if k in run}, indent=2).encode())
 
 
 COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
@@ -293,11 +298,9 @@ def main(argv=None) -> int:
         cfg = config.parse_args(argv)
         resumed = None
         if cfg.resume:
-            last = Path(cfg.out_dir) / "last.pt"
-            if not last.is_file():
-                raise UserError(f"nothing to resume: no {last}; run without --resume to start, or pass the run's --out-dir")
-            resumed = load_checkpoint(last)
-            cfg = resume_config(resumed[1]["config"], argv)
+            run_dir = rundir.find_run(cfg.out_dir, cfg.run_name)
+            resumed = load_checkpoint(run_dir / "last.pt")
+            cfg = replace(resume_config(resumed[1]["config"], argv), out_dir=str(run_dir.parent), run_name=run_dir.name)
         with sigint_requests() as stop_requested:
             return train(cfg, resumed, stop_requested)
     except UserError as e:

@@ -61,9 +61,14 @@ def mnist_dir(tmp_path_factory) -> Path:
     return write_mnist(tmp_path_factory.mktemp("mnist"))
 
 
-def fast_args(data_dir, out_dir, *extra) -> list[str]:
-    """Command-line flags for a run on the synthetic data that takes about a second."""
-    return ["--data-dir", str(data_dir), "--out-dir", str(out_dir), "--no-download", "--val-size", "100",
+def run_flags(run_dir) -> list[str]:
+    """The flags that name the run folder run_dir: its out dir and its run name."""
+    return ["--out-dir", str(Path(run_dir).parent), "--run-name", Path(run_dir).name]
+
+
+def fast_args(data_dir, run_dir, *extra) -> list[str]:
+    """Command-line flags for a run into the folder run_dir, on the synthetic data, that takes about a second."""
+    return ["--data-dir", str(data_dir), *run_flags(run_dir), "--no-download", "--val-size", "100",
             "--epochs", "1", "--batch-size", "50", "--device", "cpu", *map(str, extra)]
 
 

@@ -9,9 +9,11 @@ import pytest
 import torch
 
 import model as model_module
+import rundir
 import train
-from conftest import ROOT, fast_args
-from model import atomic_write, load_checkpoint, save_checkpoint
+from conftest import ROOT, fast_args, run_flags
+from model import load_checkpoint, save_checkpoint
+from rundir import atomic_write
 
 
 def one_line_error(result, exit_code=2) -> str:
@@ -85,7 +87,7 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monke
 
     def disk_full(fd):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    monkeypatch.setattr(model_module.os, "fsync", disk_full)
+    monkeypatch.setattr(rundir.os, "fsync", disk_full)
     with pytest.raises(train.UserError, match=r"could not save .*best.pt: No space left on device; the previous file is unchanged"):
         save_checkpoint({"model": {"w": torch.zeros(3)}, "model_name": "cnn", "model_args": {}}, path)
     assert path.read_bytes() == before
@@ -96,11 +98,11 @@ SLOW_SAVE = """
 import os, sys, time
 sys.path.insert(0, {root!r})
 import torch
-import model
+import model, rundir
 def stalled_fsync(fd):  # the new bytes are written to the temporary file; hang before the rename
     print("writing", flush=True)
     time.sleep(60)
-model.os.fsync = stalled_fsync
+rundir.os.fsync = stalled_fsync
 model.save_checkpoint({{"model": {{"w": torch.zeros(1000)}}, "model_name": "cnn", "model_args": {{}}}}, {path!r})
 """
 
@@ -145,71 +147,77 @@ def test_ctrl_c_saves_and_resume_finishes_like_an_unbroken_run(mnist_dir, tmp_pa
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
-    assert f"To continue: python train.py --out-dir {tmp_path / 'broken'} --resume" in err
+    assert f"To continue: python train.py --out-dir {tmp_path} --run-name broken --resume" in err
     assert "Traceback" not in err
     saved = load_checkpoint(tmp_path / "broken" / "last.pt")[1]
     assert 1 <= saved["epoch"] < 4
-    assert train.main(["--out-dir", str(tmp_path / "broken"), "--resume"]) == 0
+    assert train.main(["--out-dir", str(tmp_path), "--run-name", "broken", "--resume"]) == 0
     assert train.main(fast_args(mnist_dir, tmp_path / "whole", "--epochs", 4, "--batch-size", 5)) == 0
     a, b = (load_checkpoint(tmp_path / d / "last.pt")[0].state_dict() for d in ("broken", "whole"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def earlier_run(trained_run, out_dir) -> dict:
+    """Copy a finished run into out_dir/earlier; return its files' bytes, to check later that nothing changed them."""
+    earlier = out_dir / "earlier"
+    earlier.mkdir(parents=True)
+    for name in ("best.pt", "last.pt", "metrics.json"):
+        (earlier / name).write_bytes((trained_run / name).read_bytes())
+    return {p: p.read_bytes() for p in earlier.iterdir()}
+
+
 def test_divergence_stops_with_advice_and_keeps_the_good_checkpoints(mnist_dir, trained_run, tmp_path, run_main):
-    """A NaN loss stops training with exit 1 and a learning-rate hint; the checkpoints already there are untouched."""
-    out = tmp_path / "run"
-    out.mkdir()
-    for name in ("best.pt", "last.pt"):
-        (out / name).write_bytes((trained_run / name).read_bytes())
-    before = {name: (out / name).read_bytes() for name in ("best.pt", "last.pt")}
-    result = run_main(*fast_args(mnist_dir, out, "--lr", 1e12, "--schedule", "constant"))
+    """A NaN loss stops training with exit 1 and a learning-rate hint; the earlier run's files are untouched."""
+    before = earlier_run(trained_run, tmp_path)
+    result = run_main(*fast_args(mnist_dir, tmp_path / "diverging", "--lr", 1e12, "--schedule", "constant"))
     message = one_line_error(result, exit_code=1)
     assert "training diverged in epoch 1 (loss is NaN or inf)" in message and "try a smaller --lr" in message
-    assert {name: (out / name).read_bytes() for name in before} == before
+    assert {p: p.read_bytes() for p in before} == before
+    assert not (tmp_path / "diverging").exists()  # it saved nothing, so it leaves no folder
 
 
 def test_disk_full_during_training_is_one_line_and_keeps_the_old_checkpoints(mnist_dir, trained_run, tmp_path,
                                                                               run_main, monkeypatch):
     """When the disk fills up at the first save of a run, it stops with one line and the earlier files are intact."""
-    out = tmp_path / "run"
-    out.mkdir()
-    for name in ("best.pt", "last.pt"):
-        (out / name).write_bytes((trained_run / name).read_bytes())
-    before = {name: (out / name).read_bytes() for name in ("best.pt", "last.pt")}
+    before = earlier_run(trained_run, tmp_path)
 
     def disk_full(fd):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    monkeypatch.setattr(model_module.os, "fsync", disk_full)
-    message = one_line_error(run_main(*fast_args(mnist_dir, out)))
+    monkeypatch.setattr(rundir.os, "fsync", disk_full)
+    message = one_line_error(run_main(*fast_args(mnist_dir, tmp_path / "full")))
     assert "could not save" in message and "No space left on device; the previous file is unchanged" in message
-    assert {name: (out / name).read_bytes() for name in before} == before
-    assert not list(out.glob(".*.tmp"))
+    assert {p: p.read_bytes() for p in before} == before
+    assert not list(tmp_path.glob("**/.*.tmp"))
 
 
 def test_resume_with_another_model_names_the_mismatch(trained_run, run_main):
     """--resume with a different --model is refused, naming the field and both values."""
-    result = run_main("--out-dir", trained_run, "--resume", "--model", "fcnn")
+    result = run_main(*run_flags(trained_run), "--resume", "--model", "fcnn")
     message = one_line_error(result)
     assert "cannot resume: the saved run differs in model 'cnn' -> 'fcnn'" in message
 
 
 def test_resume_with_a_changed_hyperparameter_names_it(trained_run, run_main):
     """--resume with a different learning rate or batch size is refused, naming each change."""
-    message = one_line_error(run_main("--out-dir", trained_run, "--resume", "--lr", 0.3, "--batch-size", 7))
+    message = one_line_error(run_main(*run_flags(trained_run), "--resume", "--lr", 0.3, "--batch-size", 7))
     assert "batch_size 50 -> 7, lr 0.1 -> 0.3" in message
 
 
 def test_resume_with_nothing_to_resume(tmp_path, run_main):
-    """--resume in an out dir without last.pt says there is nothing to resume and how to start."""
+    """--resume with no saved run, or a run name that has no last.pt, says there is nothing to resume and how to start."""
     message = one_line_error(run_main("--out-dir", tmp_path, "--resume"))
-    assert f"nothing to resume: no {tmp_path / 'last.pt'}; run without --resume" in message
+    assert f"no run in {tmp_path}/ has a last.pt yet; train one with `python train.py`" in message
+    message = one_line_error(run_main("--out-dir", tmp_path, "--run-name", "nope", "--resume"))
+    assert f"nothing to resume: no {tmp_path / 'nope' / 'last.pt'}; check --run-name" in message
 
 
 def test_out_dir_that_cannot_be_written_fails_before_training(mnist_dir, tmp_path, run_main):
-    """An out dir inside a file is refused before any data is read or any epoch runs."""
+    """An out dir that is a file, or inside one, is refused before any data is read or any epoch runs."""
     (tmp_path / "file").write_text("")
     result = run_main(*fast_args(mnist_dir, tmp_path / "file" / "run"))
-    assert "cannot write to out dir" in one_line_error(result)
+    assert f"out dir {tmp_path / 'file'} is a file, not a folder" in one_line_error(result)
+    result = run_main(*fast_args(mnist_dir, tmp_path / "file" / "runs" / "run"))
+    assert f"cannot write to out dir {tmp_path / 'file' / 'runs'} (Not a directory)" in one_line_error(result)
     assert "epoch" not in result.stdout
 
 

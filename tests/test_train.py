@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import train
 from config import parse_args
-from conftest import N_TRAIN, REAL_DATA, fast_args, needs_real_data, run_cli
+from conftest import N_TRAIN, REAL_DATA, fast_args, needs_real_data, run_cli, run_flags
 from data import load_splits, normalize
 from model import CNN, build_model, load_checkpoint
 
@@ -126,5 +126,5 @@ def test_same_seed_gives_bitwise_identical_weights(mnist_dir, tmp_path):
 @needs_real_data
 def test_one_epoch_on_real_mnist_reaches_98_percent(tmp_path):
     """One epoch of the default recipe on the real data gives at least 98% test accuracy."""
-    assert train.main(["--data-dir", str(REAL_DATA), "--out-dir", str(tmp_path), "--epochs", "1", "--no-download"]) == 0
+    assert train.main(["--data-dir", str(REAL_DATA), *run_flags(tmp_path), "--epochs", "1", "--no-download"]) == 0
     assert load_checkpoint(tmp_path / "best.pt")[1]["test_acc"] >= 0.98

@@ -1,0 +1,152 @@
+"""Run folders: every training run writes into a folder of its own under out_dir, and only it does.
+
+    runs/20261130-142301-cnn/     best.pt, last.pt, metrics.json, curves.png, TensorBoard events
+    runs/20261130-150944-fcnn/    ...
+
+A fresh run makes a new folder, named by its start time and model (or by --run-name), so it
+never touches another run's files. While a run trains it holds an operating-system lock on its
+folder, so a second process cannot write there; the lock goes away with the process, even
+after kill -9. "The latest run" is the one that saved a checkpoint last:
+
+    from rundir import latest_checkpoint
+    latest_checkpoint()                  # Path('runs/20261130-150944-fcnn/best.pt')
+"""
+import contextlib
+import os
+import socket
+import time
+from pathlib import Path
+
+import filelock
+
+from config import UserError
+
+RUN_FILES = ("best.pt", "last.pt", "metrics.json")  # a folder holding any of these belongs to a run
+LOCK, OWNER = ".lock", ".owner"
+
+
+def atomic_write(path, data: bytes) -> None:
+    """Replace `path` with `data` so that a crash at any moment leaves either the old file or the new one.
+
+    The bytes go to a temporary file in the same folder, are flushed to disk, and only then renamed
+    over `path`; a rename within one file system is atomic. A failed write (a full disk, say) raises
+    UserError and leaves the old file as it was.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise UserError(f"could not save {path}: {e.strerror or e}; the previous file is unchanged") from None
+        raise
+    try:  # make the rename itself durable; not every platform can open a folder
+        fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _root(out_dir) -> Path:
+    root = Path(out_dir)
+    if root.exists() and not root.is_dir():
+        raise UserError(f"out dir {root} is a file, not a folder; pass --out-dir with a folder")
+    return root
+
+
+def new_run_dir(out_dir, run_name: str, model: str) -> Path:
+    """Create the folder of a fresh run and return it. Never hands out a folder that holds another run's files."""
+    root = _root(out_dir)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if run_name:
+            path = root / run_name
+            path.mkdir(exist_ok=True)
+            if any((path / name).exists() for name in RUN_FILES):
+                raise UserError(f"run {path} already exists; continue it with --run-name {run_name} --resume, "
+                                f"or start a new one with another --run-name (or none)")
+            return path
+        # mkdir without exist_ok is atomic: two runs started in the same second get -2, -3, ...
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for i in range(1, 1000):
+            path = root / (f"{stamp}-{model}" if i == 1 else f"{stamp}-{model}-{i}")
+            with contextlib.suppress(FileExistsError):
+                path.mkdir()
+                return path
+    except OSError as e:
+        raise UserError(f"cannot write to out dir {root} ({e.strerror}); pass --out-dir with a writable folder") from None
+    raise UserError(f"could not find a free run name in {root} for {stamp}-{model}")
+
+
+def latest_run(out_dir="runs", needs: str = "best.pt") -> Path:
+    """The run folder in `out_dir` whose `needs` file (best.pt or last.pt) was saved last."""
+    saved = list(_root(out_dir).glob(f"*/{needs}"))
+    if not saved:
+        raise UserError(f"no run in {out_dir}/ has a {needs} yet; train one with `python train.py`")
+    return max(saved, key=lambda p: p.stat().st_mtime).parent
+
+
+def latest_checkpoint(out_dir="runs", name: str = "best.pt") -> Path:
+    """The path of the latest run's best.pt (or last.pt): what a notebook or evaluate.py usually wants."""
+    return latest_run(out_dir, name) / name
+
+
+def find_run(out_dir, run_name: str) -> Path:
+    """The run to resume: the one named, or else the latest that saved a last.pt."""
+    if not run_name:
+        return latest_run(out_dir, "last.pt")
+    path = _root(out_dir) / run_name
+    if not (path / "last.pt").is_file():
+        raise UserError(f"nothing to resume: no {path / 'last.pt'}; check --run-name and --out-dir "
+                        f"(ls {out_dir}/ lists the runs), or run without --resume to start a new one")
+    return path
+
+
+def remove_if_unused(run_dir: Path) -> None:
+    """Delete a fresh run's folder if the run saved nothing in it (it failed at once, say). Call it holding the lock."""
+    if run_dir.is_dir() and not any((run_dir / name).exists() for name in RUN_FILES):
+        with contextlib.suppress(OSError):  # Windows keeps a held lock file; a folder with a user's file stays
+            for name in (OWNER, LOCK):
+                (run_dir / name).unlink(missing_ok=True)
+            run_dir.rmdir()
+
+
+@contextlib.contextmanager
+def locked(run_dir: Path):
+    """Hold the run folder's lock while the block runs; fail with one line if another process holds it.
+
+    filelock takes an flock on Unix (LockFileEx on Windows), which the operating system drops when
+    the process dies, so a run killed with kill -9 never blocks the next one. The owner's PID is in a
+    file beside the lock: the lock file itself may be truncated by whoever tries to take it.
+    """
+    lock = filelock.FileLock(run_dir / LOCK, blocking=False)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        owner = _read(run_dir / OWNER) or "another process"
+        raise UserError(f"run {run_dir} is being written by {owner}; wait for it to end, or start a new run") from None
+    except OSError as e:
+        raise UserError(f"cannot write to run folder {run_dir} ({e.strerror}); pass --out-dir with a writable folder") from None
+    try:
+        try:
+            (run_dir / OWNER).write_text(f"train.py with PID {os.getpid()} on {socket.gethostname()}\n")
+        except OSError as e:
+            raise UserError(f"cannot write to run folder {run_dir} ({e.strerror}); pass --out-dir with a writable folder") from None
+        yield run_dir
+    finally:
+        lock.release()
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""

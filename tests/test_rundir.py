@@ -1,0 +1,156 @@
+"""Run folders: a new run never touches another run's files, two processes never share a folder,
+and the latest run is one call away."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import evaluate
+import rundir
+import train
+from conftest import ROOT, call_main, fast_args, run_flags
+from model import load_checkpoint
+from test_faults import one_line_error
+
+FAST = ["--no-download", "--val-size", "100", "--epochs", "1", "--batch-size", "50", "--device", "cpu"]
+
+
+def files_of(run_dir) -> dict:
+    return {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file() and not p.name.startswith(".")}
+
+
+def run_folders(out_dir) -> list:
+    return sorted(p for p in out_dir.iterdir() if p.is_dir())
+
+
+def test_running_twice_keeps_both_runs(mnist_dir, tmp_path, run_main):
+    """`python train.py` twice with the same flags makes two run folders; the first run's files are byte-identical after the second."""
+    args = ["--data-dir", mnist_dir, "--out-dir", tmp_path, *FAST]
+    assert run_main(*args).returncode == 0
+    [first] = run_folders(tmp_path)
+    before = files_of(first)
+    assert {"best.pt", "last.pt", "metrics.json", "curves.png"} <= before.keys()
+    assert run_main(*args, "--seed", 1).returncode == 0
+    folders = run_folders(tmp_path)
+    assert len(folders) == 2 and first in folders
+    assert files_of(first) == before
+    assert all(folder.name.endswith("-cnn") for folder in folders)
+
+
+def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path):
+    """Two fresh run folders asked for at once never coincide, and a folder name is never handed out twice."""
+    names = {rundir.new_run_dir(tmp_path, "", "cnn").name for _ in range(5)}
+    assert len(names) == 5
+
+
+def test_a_named_run_is_never_started_over(trained_run, mnist_dir, run_main):
+    """A fresh run into an existing run's folder (--run-name) is refused in one line, and its files are unchanged."""
+    before = files_of(trained_run)
+    message = one_line_error(run_main(*fast_args(mnist_dir, trained_run)))
+    assert f"run {trained_run} already exists; continue it with --run-name {trained_run.name} --resume" in message
+    assert files_of(trained_run) == before
+
+
+def test_latest_checkpoint_is_the_run_saved_last(tmp_path):
+    """latest_checkpoint() gives the best.pt saved last (not the one named last); latest_run() can ask for last.pt."""
+    for name, age in (("zzz-old", 100), ("aaa-new", 0)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "best.pt").write_bytes(b"")
+        os.utime(tmp_path / name / "best.pt", (time.time() - age, time.time() - age))
+    (tmp_path / "interrupted").mkdir()
+    (tmp_path / "interrupted" / "last.pt").write_bytes(b"")
+    assert rundir.latest_checkpoint(tmp_path) == tmp_path / "aaa-new" / "best.pt"
+    assert rundir.latest_run(tmp_path, "last.pt") == tmp_path / "interrupted"
+    with pytest.raises(rundir.UserError, match="no run in .* has a best.pt yet; train one with `python train.py`"):
+        rundir.latest_checkpoint(tmp_path / "interrupted")
+
+
+def test_resume_continues_the_latest_run_or_the_named_one(mnist_dir, tmp_path, run_main):
+    """--resume alone continues the run that saved last; --run-name picks another; neither starts a new folder."""
+    args = ["--data-dir", mnist_dir, "--out-dir", tmp_path, *FAST]
+    assert run_main(*args, "--run-name", "first").returncode == 0
+    assert run_main(*args, "--run-name", "second").returncode == 0
+    assert run_main("--out-dir", tmp_path, "--resume", "--epochs", 2).returncode == 0
+    assert run_main("--out-dir", tmp_path, "--run-name", "first", "--resume", "--epochs", 3).returncode == 0
+    assert [p.name for p in run_folders(tmp_path)] == ["first", "second"]
+    assert load_checkpoint(tmp_path / "second" / "last.pt")[1]["epoch"] == 2
+    assert load_checkpoint(tmp_path / "first" / "last.pt")[1]["epoch"] == 3
+
+
+def test_evaluate_with_no_arguments_takes_the_latest_best(trained_run, mnist_dir, tmp_path, capsys, monkeypatch):
+    """`python evaluate.py` with no checkpoint evaluates the latest run's best.pt under runs/."""
+    (tmp_path / "runs" / "mine").mkdir(parents=True)
+    (tmp_path / "runs" / "mine" / "best.pt").write_bytes((trained_run / "best.pt").read_bytes())
+    monkeypatch.chdir(tmp_path)
+    result = call_main(capsys, evaluate.main, ["--data-dir", mnist_dir, "--out-dir", tmp_path / "figures"])
+    assert result.returncode == 0, result.stderr
+    assert f"mine ({os.path.join('runs', 'mine', 'best.pt')}): cnn" in result.stdout
+
+
+HOLD_LOCK = """
+import sys, time
+sys.path.insert(0, {root!r})
+import rundir
+with rundir.locked(rundir.Path({run_dir!r})):
+    print("locked", flush=True)
+    time.sleep(60)
+"""
+
+
+def hold_lock(run_dir) -> subprocess.Popen:
+    """A process that holds run_dir's lock until it is killed, as a training run does."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_LOCK.format(root=str(ROOT), run_dir=str(run_dir))],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_a_run_folder_in_use_is_refused_with_its_owner(mnist_dir, tmp_path, run_main):
+    """While another process holds a run folder, a second run into it fails in one line naming the owner's PID."""
+    run_dir = tmp_path / "busy"
+    run_dir.mkdir()
+    proc = hold_lock(run_dir)
+    try:
+        message = one_line_error(run_main(*fast_args(mnist_dir, run_dir)))
+        assert f"run {run_dir} is being written by train.py with PID {proc.pid} on" in message
+        assert (run_dir / rundir.LOCK).exists()  # the loser never removes the owner's lock
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def test_a_lock_left_by_kill_9_does_not_block_the_next_run(mnist_dir, tmp_path, run_main):
+    """After the lock's owner dies by SIGKILL, its lock file is still there but a new run into the folder works."""
+    run_dir = tmp_path / "orphan"
+    run_dir.mkdir()
+    proc = hold_lock(run_dir)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+    assert (run_dir / rundir.LOCK).exists()
+    assert run_main(*fast_args(mnist_dir, run_dir)).returncode == 0
+    assert (run_dir / "best.pt").is_file()
+
+
+def test_two_runs_started_at_once_write_to_two_folders(mnist_dir, tmp_path):
+    """Two `python train.py` processes started together both finish, each in a folder of its own."""
+    args = [sys.executable, str(ROOT / "train.py"), "--data-dir", str(mnist_dir), "--out-dir", str(tmp_path), *FAST]
+    procs = [subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    results = [proc.communicate(timeout=120) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], results
+    folders = run_folders(tmp_path)
+    assert len(folders) == 2 and all((folder / "best.pt").is_file() for folder in folders)
+
+
+def test_interrupted_run_prints_the_command_that_resumes_it(mnist_dir, tmp_path, run_main, capsys):
+    """A run stopped mid-epoch names its own folder in the resume command it prints, and that command continues it."""
+    cfg = train.config.parse_args(["--data-dir", str(mnist_dir), "--out-dir", str(tmp_path), *FAST])
+    assert train.train(cfg, stop_requested=lambda: True) == 130
+    [folder] = run_folders(tmp_path)
+    command = capsys.readouterr().err.split("To continue: ")[1].split()
+    assert command == ["python", "train.py", *run_flags(folder), "--resume"]
+    assert run_main(*command[2:]).returncode == 0
+    assert [row["epoch"] for row in load_checkpoint(folder / "last.pt")[1]["history"]] == [1]
