@@ -13,20 +13,9 @@ import torch
 import plots
 from config import Config, Parser, UserError
 from data import MNISTData, load_split
+from metrics import confusion_matrix, per_class, scores
 from model import count_parameters, load_checkpoint, model_logits
 from rundir import latest_checkpoint
-from train import scores
-
-
-def confusion_matrix(labels: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
-    """(10, 10) counts: row = true digit, column = predicted digit."""
-    return torch.bincount(labels * 10 + predicted, minlength=100).view(10, 10)
-
-
-def per_class(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Precision and recall of each digit from the confusion matrix (0 where a digit was never predicted)."""
-    hits = matrix.diag().double()
-    return hits / matrix.sum(dim=0).clamp(min=1), hits / matrix.sum(dim=1).clamp(min=1)
 
 
 def epochs_to(history: list[dict], accuracy: float) -> int | None:

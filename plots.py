@@ -1,6 +1,7 @@
 """Figures for training runs: curves, confusion matrix, confident mistakes, first-layer filters.
 
-Each function takes plain numbers or tensors, writes one PNG, and returns its path.
+Each plot_* function takes plain numbers or arrays, writes one PNG, and returns its path. The
+*_figure functions build the same figures for TensorBoard's add_figure.
 """
 import io
 from pathlib import Path
@@ -44,6 +45,10 @@ def plot_curves(histories: dict[str, list[dict]], path) -> Path:
 
 
 def plot_confusion(matrix: np.ndarray, path, title: str) -> Path:
+    return _save(confusion_figure(matrix, title), path)
+
+
+def confusion_figure(matrix: np.ndarray, title: str):
     """The confusion matrix as a heat map of row-normalised rates, annotated with the counts."""
     matrix = np.asarray(matrix)
     rates = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
@@ -58,10 +63,14 @@ def plot_confusion(matrix: np.ndarray, path, title: str) -> Path:
     bar = fig.colorbar(image, ax=ax, ticks=[-4, -3, -2, -1, 0])
     bar.ax.set_yticklabels(["0.01%", "0.1%", "1%", "10%", "100%"])
     bar.set_label("share of the true digit's images")
-    return _save(fig, path)
+    return fig
 
 
 def plot_mistakes(images, true, predicted, confidence, path, title: str, count: int = 24) -> Path:
+    return _save(mistakes_figure(images, true, predicted, confidence, title, count), path)
+
+
+def mistakes_figure(images, true, predicted, confidence, title: str, count: int = 24):
     """The `count` most confidently wrong digits, each titled with true label, prediction and confidence."""
     wrong = np.flatnonzero(np.asarray(true) != np.asarray(predicted))
     worst = wrong[np.argsort(-np.asarray(confidence)[wrong])][:count]
@@ -74,7 +83,7 @@ def plot_mistakes(images, true, predicted, confidence, path, title: str, count: 
         ax.imshow(np.asarray(images[i]), cmap="gray_r", vmin=0, vmax=255)
         ax.set_title(f"true {true[i]}, said {predicted[i]}\n{confidence[i]:.1%} sure", fontsize=7)
     fig.suptitle(f"{title}: {len(wrong)} mistakes, the {len(worst)} most confident", fontsize=10)
-    return _save(fig, path)
+    return fig
 
 
 def plot_filters(weights, path, title: str) -> Path:

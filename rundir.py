@@ -114,8 +114,8 @@ def remove_if_unused(run_dir: Path) -> None:
     """Delete a fresh run's folder if the run saved nothing in it (it failed at once, say). Call it holding the lock."""
     if run_dir.is_dir() and not any((run_dir / name).exists() for name in RUN_FILES):
         with contextlib.suppress(OSError):  # Windows keeps a held lock file; a folder with a user's file stays
-            for name in (OWNER, LOCK):
-                (run_dir / name).unlink(missing_ok=True)
+            for path in [*run_dir.glob("events.out.tfevents.*"), run_dir / OWNER, run_dir / LOCK]:
+                path.unlink(missing_ok=True)
             run_dir.rmdir()
 
 

@@ -27,12 +27,14 @@ import plots
 import rundir
 from config import Config, UserError
 from data import MNIST_MEAN, MNIST_STD, MNISTData, epoch_order, load_splits
+from metrics import confusion_matrix, scores
 from model import MEMORY_FORMAT, build_model, count_parameters, load_checkpoint, model_logits, save_checkpoint
 from rundir import atomic_write
 
 # Settings that --resume may change: they say where things are, how far to go, or how fast,
 # not what is learned. Any other difference from the saved run is refused.
-RESUMABLE_CHANGES = {"data_dir", "download", "out_dir", "run_name", "epochs", "eval_batch_size", "device", "compile", "resume"}
+RESUMABLE_CHANGES = {"data_dir", "download", "out_dir", "run_name", "epochs", "eval_batch_size", "device", "compile", "resume",
+                     "tensorboard", "log_every"}
 
 
 class Diverged(UserError):
@@ -93,19 +95,15 @@ def model_args(cfg: Config) -> dict:
     return {"hidden": cfg.fcnn_hidden} if cfg.model == "fcnn" else {}
 
 
-def scores(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of logits against labels."""
-    correct = (logits.argmax(dim=1) == labels).sum().item()
-    return F.cross_entropy(logits, labels).item(), correct / len(labels)
-
-
 def evaluate(model, split: MNISTData, batch_size: int) -> tuple[float, float]:
     """Mean cross-entropy and accuracy of `model` on a split."""
     return scores(model_logits(model, split.images, batch_size), split.labels)
 
 
-def train_epoch(model, optimizer, scheduler, scaler, split, cfg, epoch, progress, stop_requested) -> dict:
-    """Run one epoch from batch progress["step"] on, stopping early when stop_requested(); return the new progress."""
+def train_epoch(model, optimizer, scheduler, scaler, split, cfg, epoch, progress, stop_requested, writer) -> dict:
+    """Run one epoch from batch progress["step"] on, stopping early when stop_requested(); return the new progress.
+
+    Every cfg.log_every optimiser steps, the batch loss and learning rate go to `writer` (TensorBoard)."""
     model.train()
     device = split.labels.device
     order = epoch_order(len(split), cfg.seed, epoch, device)
@@ -129,6 +127,9 @@ def train_epoch(model, optimizer, scheduler, scaler, split, cfg, epoch, progress
         correct += (logits.argmax(dim=1) == labels).sum()
         seen, step = seen + len(labels), step + 1
         bar.update()
+        if scheduler.last_epoch % cfg.log_every == 0:  # last_epoch counts optimiser steps, across epochs and resumes
+            writer.add_scalar("step/loss", loss.item(), scheduler.last_epoch)
+            writer.add_scalar("step/lr", scheduler.get_last_lr()[0], scheduler.last_epoch)
         if step % 25 == 0 or step == steps:
             check_finite(loss_sum, epoch)
             bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.2%}",
@@ -182,13 +183,63 @@ def train(cfg: Config, resumed=None, stop_requested=lambda: False) -> int:
     cfg = replace(cfg, out_dir=str(run_dir.parent), run_name=run_dir.name)
     with rundir.locked(run_dir):
         try:
-            return fit(cfg, run_dir, resumed, stop_requested)
+            with contextlib.closing(tensorboard_writer(cfg, run_dir, resumed)) as writer:
+                return fit(cfg, run_dir, resumed, stop_requested, writer)
         finally:
             if not resumed:
                 rundir.remove_if_unused(run_dir)  # a run that failed before its first save leaves no empty folder
 
 
-def fit(cfg: Config, run_dir: Path, resumed, stop_requested) -> int:
+def tensorboard_writer(cfg: Config, run_dir: Path, resumed):
+    """A SummaryWriter into the run folder, or a NoWriter when cfg.tensorboard is off.
+
+    A resumed run hides the events that the interrupted one logged after its last.pt (purge_step),
+    so its curves go on from there with no step twice."""
+    if not cfg.tensorboard:
+        return NoWriter()
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # about 1 s to import, so only when it is used
+    except ImportError:
+        raise UserError("tensorboard is not installed; pip install -r requirements.txt, or pass --no-tensorboard") from None
+    # The saved state has taken last_epoch optimiser steps: what was logged at later steps is the lost future.
+    return SummaryWriter(run_dir, purge_step=resumed[1]["scheduler"]["last_epoch"] + 1 if resumed else None)
+
+
+class NoWriter:
+    """Stands in for SummaryWriter when logging is off: every call does nothing, so the loop has no `if` for it."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
+def log_epoch(writer, row: dict, step: int, images: int) -> None:
+    """The epoch's row of the table, as TensorBoard scalars at the optimiser step it ended on."""
+    for split in ("train", "val"):
+        writer.add_scalar(f"loss/{split}", row[f"{split}_loss"], step)
+        writer.add_scalar(f"accuracy/{split}", row[f"{split}_acc"], step)
+    writer.add_scalar("speed/epoch_seconds", row["seconds"], step)
+    writer.add_scalar("speed/images_per_second", images / row["seconds"], step)
+    writer.flush()  # so a killed run leaves every finished epoch readable
+
+
+def log_test(writer, cfg: Config, run: dict, logits, test: MNISTData, step: int) -> None:
+    """The test result, the config with the final metrics for the HParams tab, and the test figures."""
+    (test_loss, test_acc), labels = scores(logits, test.labels), test.labels.cpu()
+    writer.add_scalar("test/loss", test_loss, step)
+    writer.add_scalar("test/accuracy", test_acc, step)
+    hparams = {k: v for k, v in asdict(cfg).items() if k not in ("data_dir", "out_dir", "run_name", "resume")}
+    writer.add_hparams(hparams, {"hparam/test_accuracy": test_acc, "hparam/test_loss": test_loss,
+                                 "hparam/best_val_accuracy": run["best_val_acc"]}, run_name=".", global_step=step)
+    if cfg.tensorboard:  # matplotlib figures cost about a second: draw them only for a real writer
+        confidence, predicted = logits.softmax(dim=1).max(dim=1)
+        title = f"{cfg.model}, test accuracy {test_acc:.2%}"
+        writer.add_figure("test/confusion_matrix", plots.confusion_figure(
+            confusion_matrix(labels, predicted.cpu()).numpy(), title), step)
+        writer.add_figure("test/confident_mistakes", plots.mistakes_figure(
+            test.images.cpu().numpy(), labels.tolist(), predicted.tolist(), confidence.tolist(), title), step)
+
+
+def fit(cfg: Config, run_dir: Path, resumed, stop_requested, writer) -> int:
     """Seed, device, data, model and optimiser, the epoch loop, then the test evaluation; files go to run_dir."""
     device = pick_device(cfg.device)
     if cfg.amp and device.type != "cuda":
@@ -230,7 +281,7 @@ def fit(cfg: Config, run_dir: Path, resumed, stop_requested) -> int:
     for epoch in range(run["epoch"], cfg.epochs):
         start = time.perf_counter()
         progress = train_epoch(net, optimizer, scheduler, scaler, splits["train"], cfg, epoch,
-                               run["epoch_progress"], stop_requested)
+                               run["epoch_progress"], stop_requested, writer)
         if progress["seen"] < len(splits["train"]):  # stopped mid-epoch: save exactly where we are
             run["epoch_progress"] = progress
             save_checkpoint(checkpoint(), run_dir / "last.pt")
@@ -246,6 +297,7 @@ def fit(cfg: Config, run_dir: Path, resumed, stop_requested) -> int:
             run["best_epoch"], run["best_val_acc"] = epoch + 1, val_acc
             save_checkpoint(checkpoint(), run_dir / "best.pt")
         save_checkpoint(checkpoint(), run_dir / "last.pt")
+        log_epoch(writer, run["history"][-1], scheduler.last_epoch, len(splits["train"]))
         print_row(run["history"][-1], best=run["best_epoch"] == epoch + 1)
         write_metrics(run_dir, run)
         if stop_requested():
@@ -253,11 +305,13 @@ def fit(cfg: Config, run_dir: Path, resumed, stop_requested) -> int:
 
     # One look at the test set, with the model that did best on validation.
     best, best_ckpt = load_checkpoint(run_dir / "best.pt", device)
-    test_loss, test_acc = evaluate(best, splits["test"], cfg.eval_batch_size)
+    logits = model_logits(best, splits["test"].images, cfg.eval_batch_size)
+    test_loss, test_acc = scores(logits, splits["test"].labels)
     best_ckpt.update(test_loss=test_loss, test_acc=test_acc)
     save_checkpoint(best_ckpt, run_dir / "best.pt")
     write_metrics(run_dir, {**run, "test_loss": test_loss, "test_acc": test_acc})
     plots.plot_curves({cfg.model: run["history"]}, run_dir / "curves.png")
+    log_test(writer, cfg, run, logits, splits["test"], scheduler.last_epoch)
     print(f"test: loss {test_loss:.4f}, accuracy {test_acc:.2%} (best.pt, epoch {run['best_epoch']}, "
           f"val {run['best_val_acc']:.2%}); best.pt, last.pt, metrics.json and curves.png are in {run_dir}/")
     return 0

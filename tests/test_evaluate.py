@@ -4,6 +4,7 @@ import torch
 from nbclient import NotebookClient
 
 import evaluate
+import metrics
 from conftest import ROOT, call_main, fast_args
 from data import MNISTData, load_split
 from model import load_checkpoint
@@ -69,7 +70,7 @@ def test_confusion_matrix_agrees_with_accuracy_and_per_class_numbers(trained_run
     assert matrix.sum() == len(test)
     assert matrix.diag().sum().item() / len(test) == result["test_acc"]
     assert torch.equal(matrix.sum(dim=1), test.labels.bincount(minlength=10))
-    precision, recall = evaluate.per_class(matrix)
+    precision, recall = metrics.per_class(matrix)
     for d in range(10):
         predicted_d, true_d = result["predicted"] == d, test.labels == d
         assert recall[d].item() == pytest.approx((predicted_d & true_d).sum().item() / true_d.sum().item())
@@ -79,7 +80,7 @@ def test_confusion_matrix_agrees_with_accuracy_and_per_class_numbers(trained_run
 
 def test_confusion_matrix_on_known_labels():
     """Rows are true digits and columns predictions, counted exactly."""
-    matrix = evaluate.confusion_matrix(torch.tensor([0, 0, 1, 9]), torch.tensor([0, 1, 1, 0]))
+    matrix = metrics.confusion_matrix(torch.tensor([0, 0, 1, 9]), torch.tensor([0, 1, 1, 0]))
     assert matrix[0, 0] == 1 and matrix[0, 1] == 1 and matrix[1, 1] == 1 and matrix[9, 0] == 1 and matrix.sum() == 4
 
 
