@@ -52,6 +52,7 @@ class Config:
     compile: bool = opt(False, "torch.compile the model (first epoch pays the compile time)")
     tensorboard: bool = opt(True, "log curves, hyperparameters and test figures for `tensorboard --logdir runs`")
     log_every: int = opt(50, "optimiser steps between two points of TensorBoard's step/loss and step/lr curves", positive=True)
+    dist_timeout: int = opt(300, "under torchrun: seconds a process waits for the others before it gives up", positive=True)
     out_dir: str = opt("runs", "folder that holds one sub-folder per run (best.pt, last.pt, metrics.json, curves.png)")
     run_name: str = opt("", "the run's sub-folder; empty: a new one named by start time and model, or with --resume the latest run")
     resume: bool = opt(False, "continue the run named by --run-name (default: the latest run) from its last.pt")

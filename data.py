@@ -52,10 +52,13 @@ class MNISTData(Dataset):
     def to(self, device) -> "MNISTData":
         return MNISTData(self.images.to(device), self.labels.to(device), self.transform)
 
-    def batches(self, batch_size: int, order: torch.Tensor, start: int = 0):
-        """Yield normalised (images, labels) batches in `order` (a permutation of the indices), from batch `start` on."""
+    def batches(self, batch_size: int, order: torch.Tensor, start: int = 0, rank: int = 0, world: int = 1):
+        """Yield normalised (images, labels) batches in `order` (a permutation of the indices), from batch `start` on.
+
+        With world > 1 processes, each batch of `batch_size` is cut in `world` parts and this yields part
+        `rank`: all processes together see the same batches as one process would."""
         for first in range(start * batch_size, len(self), batch_size):
-            index = order[first:first + batch_size]
+            index = order[first:first + batch_size].tensor_split(world)[rank]
             yield normalize(self.images[index]), self.labels[index]
 
 

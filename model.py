@@ -105,13 +105,18 @@ def read_checkpoint(path, device="cpu") -> dict:
 def load_checkpoint(path, device="cpu") -> tuple[nn.Module, dict]:
     """Rebuild the model saved at `path`; return it on `device` in eval mode, with the checkpoint dict."""
     ckpt = read_checkpoint(path, device)
+    return rebuild_model(ckpt, path).to(device).eval(), ckpt
+
+
+def rebuild_model(ckpt: dict, path) -> nn.Module:
+    """The model a checkpoint dict describes, with its weights (`path` names the file in errors)."""
     model = build_model(ckpt["model_name"], **ckpt["model_args"])
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
         detail = " ".join(str(e).split())
         raise UserError(f"the weights in {path} do not fit a {ckpt['model_name']} model ({detail[:200]})") from None
-    return model.to(device).eval(), ckpt
+    return model
 
 
 # --- inference ---------------------------------------------------------------------

@@ -22,7 +22,7 @@ import filelock
 from config import UserError
 
 RUN_FILES = ("best.pt", "last.pt", "metrics.json")  # a folder holding any of these belongs to a run
-LOCK, OWNER = ".lock", ".owner"
+LOCK, OWNER, JOB = ".lock", ".owner", ".torchrun-job"
 
 
 def atomic_write(path, data: bytes) -> None:
@@ -114,9 +114,21 @@ def remove_if_unused(run_dir: Path) -> None:
     """Delete a fresh run's folder if the run saved nothing in it (it failed at once, say). Call it holding the lock."""
     if run_dir.is_dir() and not any((run_dir / name).exists() for name in RUN_FILES):
         with contextlib.suppress(OSError):  # Windows keeps a held lock file; a folder with a user's file stays
-            for path in [*run_dir.glob("events.out.tfevents.*"), run_dir / OWNER, run_dir / LOCK]:
+            for path in [*run_dir.glob("events.out.tfevents.*"), run_dir / JOB, run_dir / OWNER, run_dir / LOCK]:
                 path.unlink(missing_ok=True)
             run_dir.rmdir()
+
+
+def mark_job(run_dir: Path, job_id: str) -> None:
+    """Note torchrun's job id in the run folder, so that the job's restarts find it (nothing without torchrun)."""
+    if job_id:
+        atomic_write(run_dir / JOB, job_id.encode())
+
+
+def job_run(out_dir, job_id: str) -> Path | None:
+    """The latest run folder in out_dir that torchrun's job `job_id` wrote, or None."""
+    mine = [marker.parent for marker in _root(out_dir).glob(f"*/{JOB}") if _read(marker) == job_id]
+    return max(mine, key=lambda p: (p / JOB).stat().st_mtime, default=None)
 
 
 @contextlib.contextmanager

@@ -1,6 +1,7 @@
 """Run folders: a new run never touches another run's files, two processes never share a folder,
 and the latest run is one call away."""
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -37,7 +38,7 @@ def test_running_twice_keeps_both_runs(mnist_dir, tmp_path, run_main):
     folders = run_folders(tmp_path)
     assert len(folders) == 2 and first in folders
     assert files_of(first) == before
-    assert all(folder.name.endswith("-cnn") for folder in folders)
+    assert all(re.fullmatch(r"\d{8}-\d{6}-cnn(-\d+)?", folder.name) for folder in folders)  # start time, model
 
 
 def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path):

@@ -1,0 +1,163 @@
+"""Several processes under torchrun, and one process without it, through the same calls.
+
+    python train.py                                                  # one process: every helper is a no-op
+    torchrun --standalone --nproc-per-node 2 train.py                # DistributedDataParallel, one voice
+
+torchrun sets RANK, LOCAL_RANK and WORLD_SIZE for each process it starts; without them this is
+the one process of a world of size 1, and nothing here communicates. Rank 0 is the one voice: it
+prints, writes files and decides what the others learn through `from_main`. Every collective has
+the process group's timeout, so a lost process ends the others with an error, not a hang.
+"""
+import contextlib
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from config import UserError
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", 0))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def under_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
+def restarts() -> int:
+    """How often torchrun has started this job's process group again after a worker failed (--max-restarts)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+
+
+def job_id() -> str:
+    """torchrun's id of this job, the same in every restart of it ('' without torchrun)."""
+    return os.environ.get("TORCHELASTIC_RUN_ID", "")
+
+
+def print0(*args, **kwargs) -> None:
+    """print, on rank 0 alone."""
+    if is_main():
+        print(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def process_group(use_cuda: bool, timeout_seconds: int):
+    """Join torchrun's process group for the block (NCCL for GPUs, gloo for CPUs); nothing without torchrun."""
+    if world_size() == 1:
+        yield
+        return
+    if use_cuda:
+        torch.cuda.set_device(local_rank())  # before NCCL starts, so each process talks from its own GPU
+    timeout = datetime.timedelta(seconds=timeout_seconds)
+    # torchrun's workers share the agent's key-value store, which outlives a restart of the group; without a
+    # prefix per restart, a restarted rank can read the address of a dead one and fail to connect (seen with
+    # torch 2.14 and gloo; pytorch/pytorch#135712 describes the same for NCCL).
+    store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
+    store = dist.PrefixStore(f"mnist-train/restart-{restarts()}", store)
+    dist.init_process_group("nccl" if use_cuda else "gloo", store=store, rank=rank(), world_size=world_size(),
+                            timeout=timeout)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """The model as DistributedDataParallel, which averages the gradients of all ranks in backward."""
+    if world_size() == 1:
+        return model
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def sum_all(*values: torch.Tensor) -> list[torch.Tensor]:
+    """Each tensor summed over all ranks (one all-reduce for all of them)."""
+    if world_size() == 1:
+        return list(values)
+    flat = torch.stack([v.detach().double().reshape(()) for v in values])
+    dist.all_reduce(flat)
+    return list(flat.unbind())
+
+
+def any_rank(flag: bool, device) -> bool:
+    """True on every rank if it is true on any: how ranks agree to stop at the same step."""
+    if world_size() == 1:
+        return flag
+    flag = torch.tensor(float(flag), device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def agree_on_error(message: str | None) -> None:
+    """Raise UserError on every rank if any rank had one, with the first rank's message."""
+    if world_size() == 1:
+        if message:
+            raise UserError(message)
+        return
+    messages = [None] * world_size()
+    dist.all_gather_object(messages, message)
+    failed = [m for m in messages if m]
+    if failed:
+        raise UserError(failed[0])
+
+
+def from_main(fn):
+    """fn() run on rank 0 alone, its result sent to every rank; a UserError on rank 0 is raised on all."""
+    if world_size() == 1:
+        return fn()
+    box = [None]
+    if is_main():
+        try:
+            box = [(True, fn())]
+        except UserError as e:
+            box = [(False, str(e))]
+    dist.broadcast_object_list(box, src=0)
+    ok, value = box[0]
+    if not ok:
+        raise UserError(value)
+    return value
+
+
+def node_first(fn):
+    """fn() on each machine's local rank 0 first, then on its other ranks: the first downloads, the rest read.
+
+    Concurrent downloads into one folder corrupt the files. A UserError on any rank is raised on all."""
+    result = None
+    for first_turn in (True, False):
+        message = None
+        if (local_rank() == 0) == first_turn:
+            try:
+                result = fn()
+            except UserError as e:
+                message = str(e)
+        agree_on_error(message)
+    return result
+
+
+def lost_peer(error: BaseException) -> bool:
+    """Whether an error says that another process of the group died or stopped answering."""
+    if world_size() == 1:
+        return False
+    # gloo reports a vanished peer as a plain RuntimeError ("Connection reset by peer"), so the text decides.
+    return isinstance(error, dist.DistError) or any(word in str(error) for word in ("gloo", "NCCL", "Connection"))
+
+
+def shard(n: int) -> slice:
+    """This rank's contiguous share of n items; the shares of all ranks cover each item once."""
+    per, extra = divmod(n, world_size())
+    start = rank() * per + min(rank(), extra)
+    return slice(start, start + per + (rank() < extra))

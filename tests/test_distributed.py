@@ -1,0 +1,295 @@
+"""torchrun and DistributedDataParallel: real torchrun processes on the synthetic data, on loopback,
+each with a timeout so that a hang fails fast."""
+import functools
+import gzip
+import http.server
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from conftest import ROOT, fast_args, run_flags
+from data import RAW_FILES
+from model import load_checkpoint
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="this torch has no torch.distributed")
+
+TIMEOUT = 120
+# 499 training images in batches of 50: the last batch of 49 splits 25/24, so the loss weighting is tested too.
+UNEVEN = ["--val-size", 101]
+
+
+def torchrun(*args, nproc=2, extra=(), script=ROOT / "train.py", **popen) -> subprocess.Popen:
+    """Start `torchrun --standalone` (or with `extra` rendezvous flags) on the project's train.py."""
+    launch = extra or ["--standalone"]
+    command = [sys.executable, "-m", "torch.distributed.run", *launch, "--nproc-per-node", str(nproc),
+               str(script), *map(str, args)]
+    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def finish(proc: subprocess.Popen, timeout=TIMEOUT) -> subprocess.CompletedProcess:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_all(proc)
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def kill_all(proc: subprocess.Popen) -> None:
+    """SIGKILL torchrun and its workers."""
+    for pid in [*workers(proc), proc.pid]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.communicate()
+
+
+def workers(proc: subprocess.Popen) -> list[int]:
+    """The PIDs of the worker processes torchrun started."""
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+    return [int(pid) for pid in children.read_text().split()] if children.exists() else []
+
+
+def wait_for_row(proc: subprocess.Popen, epoch: int) -> list[str]:
+    """Read torchrun's output until the epoch's row of the table; return the lines read."""
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.split()[:1] == [str(epoch)]:
+            return lines
+    raise AssertionError("the run ended before epoch %d: %s" % (epoch, proc.stderr.read()))
+
+
+def rows(stdout: str) -> list[list[str]]:
+    """The epoch rows of the printed table, without the seconds column."""
+    table = [line.split() for line in stdout.splitlines() if line.split()[:1] and line.split()[0].isdigit()]
+    return [row[:6] for row in table]
+
+
+def weights(run_dir: Path) -> dict:
+    return load_checkpoint(run_dir / "last.pt")[0].state_dict()
+
+
+def assert_close(a: dict, b: dict) -> None:
+    """The same weights up to the order of float sums (DDP adds the ranks' gradients in another order)."""
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+@pytest.fixture(scope="module")
+def one_process(mnist_dir, tmp_path_factory):
+    """A single-process run of one epoch, and its printed output: the trajectory the others must follow."""
+    run_dir = tmp_path_factory.mktemp("one") / "run"
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), *fast_args(mnist_dir, run_dir, *UNEVEN)],
+                            capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    return run_dir, result.stdout
+
+
+def test_two_processes_follow_the_one_process_trajectory(mnist_dir, tmp_path, one_process):
+    """torchrun with 2 CPU processes ends one epoch with the 1-process weights and prints the same table, once."""
+    run_dir, single_out = one_process
+    result = finish(torchrun(*fast_args(mnist_dir, tmp_path / "two", *UNEVEN)))
+    assert result.returncode == 0, result.stderr
+    assert_close(weights(tmp_path / "two"), weights(run_dir))
+    assert rows(result.stdout) == rows(single_out) and len(rows(result.stdout)) == 1
+    assert result.stdout.count("test: loss") == 1 and result.stdout.count("config:") == 1
+    assert "device: cpu, 2 processes x 1 threads" in result.stdout  # torchrun's OMP_NUM_THREADS=1, respected
+    assert [p.name for p in tmp_path.iterdir()] == ["two"]
+    writers = {name.split(".")[4] for name in os.listdir(tmp_path / "two") if name.startswith("events.out")}
+    assert len(writers) == 1  # event files of one process (its PID is in their names): rank 0's
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_machines_meet_over_loopback(mnist_dir, tmp_path, one_process):
+    """Two torchrun launches (--nnodes 2, c10d rendezvous on 127.0.0.1) train together like one process."""
+    port = free_port()
+    launches = [torchrun(*fast_args(mnist_dir, tmp_path / "nodes", *UNEVEN), nproc=1,
+                         extra=["--nnodes", "2", "--node-rank", str(node), "--rdzv-backend", "c10d",
+                                "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "test-nodes"])
+                for node in (0, 1)]
+    results = [finish(proc) for proc in launches]
+    assert [r.returncode for r in results] == [0, 0], [r.stderr[-2000:] for r in results]
+    assert_close(weights(tmp_path / "nodes"), weights(one_process[0]))
+    assert sum(r.stdout.count("test: loss") for r in results) == 1
+    assert rows("".join(r.stdout for r in results)) == rows(one_process[1])
+
+
+def test_a_batch_size_the_world_does_not_divide_is_one_line(mnist_dir, tmp_path):
+    """--batch-size 51 on 2 processes ends both with one error line, printed once, and leaves no run folder."""
+    result = finish(torchrun(*fast_args(mnist_dir, tmp_path / "odd", "--batch-size", 51)))
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: batch_size 51 is the whole batch of all 2 processes and must split evenly among them; "
+                      "pass a --batch-size that 2 divides"]
+    assert not (tmp_path / "odd").exists()
+
+
+def test_a_data_error_ends_every_rank_with_one_line(tmp_path):
+    """Missing data with --no-download fails on the first rank to look; every rank ends, with the error said once."""
+    result = finish(torchrun(*fast_args(tmp_path / "empty", tmp_path / "runs" / "nodata")), timeout=60)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "MNIST is not in" in errors[0]
+
+
+class CountingHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves the folder it is given and counts the GET requests for each file."""
+
+    def __init__(self, *args, counts, **kwargs):
+        self.counts = counts
+        super().__init__(*args, **kwargs)
+
+    def do_GET(self):
+        self.counts[self.path] = self.counts.get(self.path, 0) + 1
+        super().do_GET()
+
+    def log_message(self, *args):
+        pass
+
+    def handle(self):
+        try:
+            super().handle()
+        except ConnectionResetError:  # torchvision closes its redirect probe without reading the body
+            pass
+
+
+USE_MIRROR = """
+import sys
+sys.path.insert(0, {root!r})
+import torchvision
+torchvision.datasets.MNIST.mirrors = [{url!r}]  # the test's server on loopback; no checksums for its files
+torchvision.datasets.MNIST.resources = [(name, None) for name, _ in torchvision.datasets.MNIST.resources]
+import train
+sys.exit(train.main())
+"""
+
+
+def test_only_one_process_per_machine_downloads(mnist_dir, tmp_path):
+    """On a fresh machine 2 processes make exactly the requests that 1 process makes, and both train on the files."""
+    served = tmp_path / "mirror"
+    served.mkdir()
+    for name in (n for names in RAW_FILES.values() for n in names):
+        (served / f"{name}.gz").write_bytes(gzip.compress((mnist_dir / "MNIST" / "raw" / name).read_bytes()))
+    counts = {1: {}, 2: {}}
+    script = tmp_path / "train_from_mirror.py"
+    for nproc in (1, 2):
+        server = http.server.ThreadingHTTPServer(
+            ("127.0.0.1", 0), functools.partial(CountingHandler, directory=str(served), counts=counts[nproc]))
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        script.write_text(USE_MIRROR.format(root=str(ROOT), url=f"http://127.0.0.1:{server.server_port}/"))
+        args = fast_args(tmp_path / f"fresh{nproc}", tmp_path / "runs" / f"run{nproc}")
+        args.remove("--no-download")
+        try:
+            proc = torchrun(*args, script=script, nproc=nproc)
+            result = finish(proc)
+        finally:
+            server.shutdown()
+        assert result.returncode == 0, result.stderr
+        assert (tmp_path / "runs" / f"run{nproc}" / "best.pt").is_file()
+    # torchvision asks for each file more than once (it follows redirects with a GET first), hence the comparison.
+    assert counts[2] == counts[1] and set(counts[1]) == {f"/{n}.gz" for names in RAW_FILES.values() for n in names}
+
+
+def test_ctrl_c_stops_every_rank_at_one_step_and_the_run_resumes_on_one_process(mnist_dir, tmp_path):
+    """SIGINT to torchrun's whole process group: rank 0 saves last.pt mid-epoch and says how to resume, once;
+    the run then finishes on 1 process with each epoch once in its history."""
+    args = fast_args(mnist_dir, tmp_path / "run", "--epochs", 3, "--batch-size", 10)
+    proc = torchrun(*args, start_new_session=True)
+    try:
+        wait_for_row(proc, 1)
+        os.killpg(proc.pid, signal.SIGINT)
+        result = finish(proc)
+    finally:
+        if proc.returncode is None:
+            kill_all(proc)
+    assert result.stderr.count("To continue: python train.py") == 1
+    assert "Traceback" not in "".join(line for line in result.stderr.splitlines(True) if line.startswith("[rank"))
+    saved = load_checkpoint(tmp_path / "run" / "last.pt")[1]
+    assert (saved["epoch"], saved["world_size"]) >= (1, 2) and saved["epoch"] < 3
+    assert 0 < saved["epoch_progress"]["seen"] < 500 or saved["epoch_progress"]["step"] == 0
+    assert train.main([*run_flags(tmp_path / "run"), "--resume"]) == 0
+    history = load_checkpoint(tmp_path / "run" / "last.pt")[1]["history"]
+    assert [row["epoch"] for row in history] == [1, 2, 3]
+    assert history[0] == saved["history"][0]
+
+
+def test_sigterm_to_torchrun_saves_and_stops_the_workers(mnist_dir, tmp_path):
+    """SIGTERM to the torchrun agent alone (as SLURM or Kubernetes send it) reaches the workers, which save last.pt."""
+    proc = torchrun(*fast_args(mnist_dir, tmp_path / "run", "--epochs", 3, "--batch-size", 10))
+    try:
+        wait_for_row(proc, 1)
+        proc.send_signal(signal.SIGTERM)
+        result = finish(proc)
+    finally:
+        if proc.returncode is None:
+            kill_all(proc)
+    assert "SIGTERM: stopping after this step to save last.pt" in result.stderr
+    assert result.stderr.count("To continue: python train.py") == 1
+    assert 1 <= load_checkpoint(tmp_path / "run" / "last.pt")[1]["epoch"] < 3
+
+
+def test_sigterm_stops_a_single_process_run_like_ctrl_c(mnist_dir, tmp_path):
+    """SIGTERM to a plain `python train.py` saves last.pt at the current step and exits 130 with the resume command."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"),
+                             *fast_args(mnist_dir, tmp_path / "run", "--epochs", 3, "--batch-size", 5)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_row(proc, 1)
+    proc.send_signal(signal.SIGTERM)
+    result = finish(proc)
+    assert result.returncode == 130, result.stderr
+    assert "To continue: python train.py" in result.stderr and "Traceback" not in result.stderr
+    assert 1 <= load_checkpoint(tmp_path / "run" / "last.pt")[1]["epoch"] < 3
+
+
+def test_a_killed_worker_is_restarted_and_the_run_finishes(mnist_dir, tmp_path):
+    """kill -9 of one worker under --max-restarts 1: torchrun restarts the group, which continues from last.pt
+    in the same run folder, and the run ends with each epoch once in its history."""
+    if not Path("/proc").is_dir():
+        pytest.skip("finding torchrun's workers needs /proc")
+    proc = torchrun(*fast_args(mnist_dir, tmp_path / "runs" / "run", "--epochs", 3, "--batch-size", 10),
+                    extra=["--standalone", "--max-restarts", "1"])
+    try:
+        wait_for_row(proc, 1)
+        os.kill(workers(proc)[-1], signal.SIGKILL)
+        result = finish(proc)
+    finally:
+        if proc.returncode is None:
+            kill_all(proc)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "torchrun restarted this job (restart 1): continuing" in result.stdout
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["run"]
+    history = load_checkpoint(tmp_path / "runs" / "run" / "last.pt")[1]["history"]
+    assert [row["epoch"] for row in history] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("first, then", [(1, 2), (2, 1)])
+def test_a_run_resumes_under_another_world_size(mnist_dir, tmp_path, first, then):
+    """A run saved under N processes resumes under M with the same global batch, and ends where 1 process would."""
+    def run(nproc, run_dir, *extra):
+        args = fast_args(mnist_dir, run_dir, *UNEVEN, *extra)
+        if nproc == 1:
+            assert train.main(args) == 0
+        else:
+            result = finish(torchrun(*args, nproc=nproc))
+            assert result.returncode == 0, result.stderr[-3000:]
+    run(1, tmp_path / "reference")
+    run(1, tmp_path / "reference", "--epochs", 2, "--resume")
+    run(first, tmp_path / "mixed")
+    run(then, tmp_path / "mixed", "--epochs", 2, "--resume")
+    assert load_checkpoint(tmp_path / "mixed" / "last.pt")[1]["world_size"] == then
+    assert_close(weights(tmp_path / "mixed"), weights(tmp_path / "reference"))
