@@ -1,8 +1,9 @@
 """The networks, the one checkpoint loader, and predict() for notebooks.
 
     from model import load_checkpoint, predict
-    model, ckpt = load_checkpoint("runs/best.pt")      # eval mode, on CPU
-    classes, probs = predict(model, images)             # PIL images, uint8 arrays or tensors
+    from rundir import latest_checkpoint
+    model, ckpt = load_checkpoint(latest_checkpoint())   # the latest run's best.pt, in eval mode, on CPU
+    classes, probs = predict(model, ["photo.jpg"])       # files, PIL images, arrays or tensors of any size
 """
 import io
 import pickle
@@ -16,6 +17,7 @@ from torch import nn
 
 from config import UserError
 from data import normalize
+from digits import prepare_digit
 from rundir import atomic_write
 
 
@@ -151,7 +153,28 @@ def model_logits(model: nn.Module, pixels: torch.Tensor, batch_size: int = 500) 
     ])
 
 
-def predict(model: nn.Module, images, batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
-    """Classify digits, light on dark like MNIST. Returns (classes (N,), probabilities (N, 10)) on the CPU."""
+def predict(model: nn.Module, images, batch_size: int = 500, prepare: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Classify digits. Returns (classes (N,), probabilities (N, 10)) on the CPU.
+
+    With prepare (the default), each image goes through digits.prepare_digit first, as MNIST's digits
+    were made: a file path, a PIL image, an array or a tensor of any size, grey or colour, dark ink on
+    paper or light on dark, one or a list or batch. With prepare=False they must already be 28x28 MNIST
+    digits, light on dark (uint8, or floats in [0, 1]), and are used as they are.
+    """
+    if prepare:
+        images = [prepare_digit(image) for image in _one_by_one(images)]
     probs = F.softmax(model_logits(model, _as_uint8_batch(images), batch_size), dim=1).cpu()
     return probs.argmax(dim=1), probs
+
+
+def _one_by_one(images) -> list:
+    """The single images in `images`: one image, a list of them, or a batch (N, H, W) or (N, 1, H, W)."""
+    if isinstance(images, (list, tuple)):
+        return list(images)
+    if isinstance(images, torch.Tensor):
+        images = images.detach().cpu().numpy()
+    if isinstance(images, np.ndarray):
+        colour = images.ndim == 3 and images.shape[-1] in (3, 4)  # one (H, W, RGB[A]) picture, not a batch
+        if images.ndim == 4 or (images.ndim == 3 and not colour):
+            return list(images.reshape(-1, *images.shape[-2:]))
+    return [images]

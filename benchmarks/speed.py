@@ -8,7 +8,8 @@ two pipelines are compared within the same run, because this machine is shared a
       and ours as a fraction of the CPU's FP32 peak, from the FLOPs of the layer shapes;
   (b) time to 99.0% test accuracy, median over seeds;
   (c) wall time, test accuracy and peak memory (RSS) of the default `python train.py`;
-  (d) evaluation images/s.
+  (d) evaluation images/s;
+  (e) with --ddp, only: one process with 2 threads against torchrun's 2 processes with 1 thread each.
 """
 import argparse
 import math
@@ -151,6 +152,36 @@ def default_run(data_dir: str, out_dir: Path, seed: int) -> tuple[float, float, 
     return wall, load_checkpoint(out_dir / "best.pt")[1]["test_acc"], peak_kib / 1024
 
 
+# --- (e) one process against two under torchrun ------------------------------------------------
+
+def epoch_rate(launcher: list[str], data_dir: str, out_dir: Path, batch_size: int) -> tuple[float, float]:
+    """Train 2 epochs with `launcher train.py`; return the median (seconds per epoch, images/s) of the printed rows."""
+    result = subprocess.run([*launcher, str(ROOT / "train.py"), "--data-dir", data_dir, "--out-dir", str(out_dir),
+                             "--epochs", "2", "--batch-size", str(batch_size), "--no-tensorboard", "--device", "cpu"],
+                            check=True, capture_output=True, text=True, cwd=ROOT)
+    seconds = statistics.median(float(line.split()[6]) for line in result.stdout.splitlines()
+                                if line.split()[:1] and line.split()[0].isdigit())
+    train_images = 60_000 - Config().val_size
+    return seconds, train_images / seconds
+
+
+def ddp_rows(data_dir: str, out_dir: Path, repeats: int) -> list[tuple[str, str]]:
+    """1 process x 2 threads against torchrun's 2 processes x 1 thread, interleaved, at two global batch sizes."""
+    single = [sys.executable]
+    double = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    rows = []
+    for batch_size in (Config().batch_size, 512):
+        runs = [(epoch_rate(single, data_dir, out_dir, batch_size), epoch_rate(double, data_dir, out_dir, batch_size))
+                for _ in range(repeats)]
+        (s1, r1), (s2, r2) = ((statistics.median(r[i][0] for r in runs), statistics.median(r[i][1] for r in runs))
+                              for i in (0, 1))
+        ratio = statistics.median(r[1][1] / r[0][1] for r in runs)
+        rows += [(f"batch {batch_size}: 1 process x 2 threads, s/epoch and images/s", f"{s1:.1f} s, {r1:,.0f}"),
+                 (f"batch {batch_size}: torchrun 2 processes x 1 thread, s/epoch and images/s", f"{s2:.1f} s, {r2:,.0f}"),
+                 (f"batch {batch_size}: speed-up, 2 processes / 1 process, same run", f"{ratio:.2f}x")]
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=os.environ.get("MNIST_DATA_DIR", "data"))
@@ -159,7 +190,12 @@ def main() -> None:
     parser.add_argument("--fast", nargs="*", default=["--epochs", "3"],
                         help="train.py flags of the time-to-99%% recipe (default: --epochs 3)")
     parser.add_argument("--out-dir", type=Path, default=Path("runs/benchmark"))
+    parser.add_argument("--ddp", action="store_true", help="measure only 1 process against 2 under torchrun")
     args = parser.parse_args()
+
+    if args.ddp:
+        print_table(ddp_rows(args.data_dir, args.out_dir, args.repeats))
+        return
 
     cfg = Config()
     splits = load_splits(args.data_dir, cfg.val_size, cfg.split_seed, download=False)
@@ -208,10 +244,21 @@ def main() -> None:
         ("default `python train.py`: peak RSS", f"{max(m for _, _, m in whole):,.0f} MiB"),
     ]
 
+    print_table(rows)
+
+
+def print_table(rows: list[tuple[str, str]]) -> None:
     width = max(len(name) for name, _ in rows)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, {cpu_name()}")
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
+
+
+def cpu_name() -> str:
+    """The CPU's model and whether it has AVX-512, which doubles this net's training speed against AVX2."""
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")), "?")
+    return f"{model}, {'AVX-512' if ' avx512f' in cpuinfo else 'AVX2' if ' avx2' in cpuinfo else 'no AVX2'}"
 
 
 def timed(fn) -> float:

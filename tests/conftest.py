@@ -101,3 +101,15 @@ def trained_run(mnist_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run")
     assert train.main(fast_args(mnist_dir, out, "--epochs", 2)) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def real_run(tmp_path_factory) -> Path:
+    """A run folder holding two epochs of the default recipe on the real MNIST (skips without it)."""
+    if not all((REAL_DATA / "MNIST" / "raw" / name).is_file() for names in RAW_FILES.values() for name in names):
+        pytest.skip(f"real MNIST not found in {REAL_DATA} (set MNIST_DATA_DIR)")
+    import train
+
+    run_dir = tmp_path_factory.mktemp("real") / "run"
+    assert train.main(["--data-dir", str(REAL_DATA), *run_flags(run_dir), "--epochs", "2", "--no-download"]) == 0
+    return run_dir

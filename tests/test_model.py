@@ -31,25 +31,25 @@ def test_build_model_by_name():
 
 
 def test_predict_accepts_every_image_form_alike():
-    """PIL images, uint8 arrays, uint8 and [0, 1] float tensors, single or batched, give the same prediction."""
+    """Unprepared, PIL images, uint8 arrays, uint8 and [0, 1] float tensors, single or batched, predict alike."""
     torch.manual_seed(0)
     model = CNN().eval()
     pixels = np.random.default_rng(0).integers(0, 256, size=(4, 28, 28), dtype=np.uint8)
-    classes, probs = predict(model, pixels)
+    classes, probs = predict(model, pixels, prepare=False)
     assert classes.shape == (4,) and probs.shape == (4, 10)
     assert torch.allclose(probs.sum(dim=1), torch.ones(4))
     assert torch.equal(classes, probs.argmax(dim=1))
     as_tensor = torch.from_numpy(pixels)
     for form in ([Image.fromarray(p) for p in pixels], as_tensor, as_tensor.float() / 255, as_tensor.unsqueeze(1)):
-        assert torch.equal(predict(model, form)[0], classes)
-    one_class, one_probs = predict(model, Image.fromarray(pixels[2]))
+        assert torch.equal(predict(model, form, prepare=False)[0], classes)
+    one_class, one_probs = predict(model, Image.fromarray(pixels[2]), prepare=False)
     assert one_class.shape == (1,) and torch.allclose(one_probs[0], probs[2], atol=1e-6)
 
 
 def test_predict_rejects_wrong_shapes_and_types():
-    """predict says which shapes and types it takes instead of failing deep inside the model."""
+    """Unprepared, predict says which shapes and types it takes instead of failing deep inside the model."""
     model = CNN()
     with pytest.raises(ValueError, match=r"28x28 digits, one or a batch, not shape \(32, 32\)"):
-        predict(model, np.zeros((32, 32), dtype=np.uint8))
+        predict(model, np.zeros((32, 32), dtype=np.uint8), prepare=False)
     with pytest.raises(TypeError, match="not torch.int64"):
-        predict(model, torch.zeros(28, 28, dtype=torch.long))
+        predict(model, torch.zeros(28, 28, dtype=torch.long), prepare=False)

@@ -1,0 +1,92 @@
+"""How well a checkpoint reads "photographed" digits, with and without MNIST's preprocessing. Run by hand:
+
+    python benchmarks/photos.py --data-dir ../shared/data                 # the latest run's best.pt
+    python benchmarks/photos.py --data-dir ../shared/data --checkpoint runs/cnn/best.pt --figure docs/photos.png
+
+The photos are MNIST test digits made to look like phone pictures of ink on paper by
+digits.photograph: scaled 3-10x and off-centre on a larger canvas, mostly dark on light,
+uneven light, blur, sensor noise, grey or tinted, saved as JPEG or PNG. The same seed gives
+the same photos. It prints accuracy through prepare_digit against a plain resize to 28x28,
+and what prepare_digit costs on the MNIST test set itself, which already looks like MNIST.
+"""
+import argparse
+import io
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from data import load_split  # noqa: E402
+from digits import load_image, photograph, prepare_digit  # noqa: E402
+from model import load_checkpoint, model_logits  # noqa: E402
+from rundir import latest_checkpoint  # noqa: E402
+
+
+def photo_set(images: torch.Tensor, labels: torch.Tensor, count: int, seed: int = 0):
+    """`count` photographed test digits (as encoded JPEG/PNG bytes) and their labels, the same for the same seed."""
+    rng = np.random.default_rng(seed)
+    index = rng.choice(len(labels), size=count, replace=False)
+    return [photograph(images[i].numpy(), rng) for i in index], labels[index]
+
+
+def accuracy(model, pixels: torch.Tensor, labels: torch.Tensor) -> float:
+    return (model_logits(model, pixels).argmax(dim=1).cpu() == labels).float().mean().item()
+
+
+def plain_resize(photo: bytes) -> np.ndarray:
+    """What a naive script does: greyscale and squash the whole picture to 28x28."""
+    return np.asarray(load_image(io.BytesIO(photo)).convert("L").resize((28, 28), Image.Resampling.BILINEAR))
+
+
+def before_and_after(photos, prepared, path: Path, count: int = 8) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(2, count, figsize=(count * 1.4, 3))
+    for i in range(count):
+        axes[0, i].imshow(load_image(io.BytesIO(photos[i])).convert("RGB"))
+        axes[1, i].imshow(prepared[i], cmap="gray", vmin=0, vmax=255)
+        for ax in axes[:, i]:
+            ax.axis("off")
+    axes[0, 0].set_title("photographed", loc="left", fontsize=9)
+    axes[1, 0].set_title("prepare_digit", loc="left", fontsize=9)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", default="data")
+    parser.add_argument("--checkpoint", type=Path, help="default: the latest run's best.pt")
+    parser.add_argument("--count", type=int, default=2000, help="photographed digits to classify")
+    parser.add_argument("--figure", type=Path, help="also draw photos before and after prepare_digit into this PNG")
+    args = parser.parse_args()
+
+    checkpoint = args.checkpoint or latest_checkpoint()
+    model, _ = load_checkpoint(checkpoint)
+    images, labels = load_split(args.data_dir, train=False, download=False)
+    photos, photo_labels = photo_set(images, labels, args.count)
+    start = time.perf_counter()
+    prepared = np.stack([prepare_digit(io.BytesIO(photo)) for photo in photos])
+    per_photo = (time.perf_counter() - start) / len(photos)
+    plain = np.stack([plain_resize(photo) for photo in photos])
+    mnist_prepared = np.stack([prepare_digit(image.numpy()) for image in images])
+
+    print(f"checkpoint {checkpoint}")
+    print(f"photographed test digits, {args.count}: prepare_digit {accuracy(model, torch.from_numpy(prepared), photo_labels):.2%}, "
+          f"plain resize to 28x28 {accuracy(model, torch.from_numpy(plain), photo_labels):.2%} "
+          f"(prepare_digit: {per_photo * 1000:.0f} ms a photo)")
+    print(f"MNIST test set, {len(labels):,}: as it is {accuracy(model, images, labels):.2%}, "
+          f"through prepare_digit {accuracy(model, torch.from_numpy(mnist_prepared), labels):.2%}")
+    if args.figure:
+        before_and_after(photos, prepared, args.figure)
+        print(f"figure: {args.figure}")
+
+
+if __name__ == "__main__":
+    main()

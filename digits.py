@@ -1,0 +1,187 @@
+"""A user's own digit, photographed or scanned, turned into an MNIST digit: `prepare_digit`.
+
+MNIST digits are light on dark, fitted into a 20x20 box with their aspect ratio kept, and
+centred by centre of mass in 28x28. A photo is dark ink on light paper, of any size, off-centre,
+with uneven light and noise. A model trained on MNIST sees the photo the way it was trained
+only after the same steps, so predict.py, model.predict() and the notebook all call this.
+"""
+import io
+
+import numpy as np
+from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
+
+WORK_SIZE = 256  # longest side the cleaning works at: keeps strokes several pixels wide, and is quick
+INK_LEVEL = 0.25  # after cleaning, the share of the stroke's brightness from which a pixel counts as ink
+MIN_CONTRAST = 0.12  # ink must stand this far (on a 0-1 scale) above what is left of the background
+
+
+class NoDigit(ValueError):
+    """The image holds no ink that stands out from its background."""
+
+
+def load_image(source) -> Image.Image:
+    """A PIL image from a path, a file object, raw bytes, a numpy array or a PIL image. Raises ValueError."""
+    if isinstance(source, Image.Image):
+        return source
+    if isinstance(source, np.ndarray):
+        array = source if source.dtype == np.uint8 else (np.clip(source, 0, 1) * 255).round().astype(np.uint8)
+        return Image.fromarray(array)
+    if isinstance(source, bytes):
+        source = io.BytesIO(source)
+    try:
+        image = Image.open(source)
+        image.load()
+    except FileNotFoundError:
+        raise ValueError("no such file") from None
+    except IsADirectoryError:
+        raise ValueError("is a folder, not an image") from None
+    except UnidentifiedImageError:
+        raise ValueError("not an image PIL can read (JPEG, PNG, ...)") from None
+    except OSError as e:
+        raise ValueError(f"cannot read it ({e.strerror or e})") from None
+    return ImageOps.exif_transpose(image)  # phone photos store their rotation as a tag
+
+
+def grey(image: Image.Image) -> np.ndarray:
+    """Float greyscale in [0, 1]; transparent pixels count as white paper."""
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        paper = Image.new("RGBA", image.size, "white")
+        image = Image.alpha_composite(paper, image.convert("RGBA"))
+    return np.asarray(image.convert("L"), dtype=np.float32) / 255
+
+
+def remove_background(x: np.ndarray) -> np.ndarray:
+    """Subtract a smooth (quadratic) illumination fitted to the darker half of the pixels: the background."""
+    h, w = x.shape
+    rows, cols = np.mgrid[0:h, 0:w]
+    u, v = cols.ravel() / w - 0.5, rows.ravel() / h - 0.5
+    basis = np.stack([np.ones_like(u), u, v, u * u, u * v, v * v], axis=1)
+    values = x.ravel()
+    background = values <= np.percentile(values, 50)
+    for _ in range(2):  # refit on the pixels the first surface calls background
+        coef, *_ = np.linalg.lstsq(basis[background], values[background], rcond=None)
+        surface = basis @ coef
+        residual = values - surface
+        background = residual <= np.percentile(residual[background], 90)
+    return np.clip(residual, 0, None).reshape(h, w)
+
+
+def remove_uneven_background(x: np.ndarray, blocks: int = 8) -> np.ndarray:
+    """Subtract the local background: the 10th percentile of each of blocks x blocks tiles, taken as the
+    darkest of its neighbours (a tile that is mostly stroke borrows from one beside it), smoothed and
+    spread back over the image. Follows light that falls off in any shape, not only a plane."""
+    h, w = x.shape
+    edges_r, edges_c = np.linspace(0, h, blocks + 1).astype(int), np.linspace(0, w, blocks + 1).astype(int)
+    grid = np.array([[np.percentile(x[edges_r[i]:edges_r[i + 1], edges_c[j]:edges_c[j + 1]], 10)
+                      for j in range(blocks)] for i in range(blocks)], dtype=np.float32)
+    padded = np.pad(grid, 1, mode="edge")
+    grid = np.min([padded[i:i + blocks, j:j + blocks] for i in range(3) for j in range(3)], axis=0)
+    padded = np.pad(grid, 1, mode="edge")
+    grid = np.mean([padded[i:i + blocks, j:j + blocks] for i in range(3) for j in range(3)], axis=0)
+    background = np.asarray(Image.fromarray(grid.astype(np.float32)).resize((w, h), Image.Resampling.BILINEAR))
+    return np.clip(x - background, 0, None)
+
+
+def otsu(x: np.ndarray, bins: int = 64) -> float:
+    """Otsu's threshold of values in [0, 1]: the level that maximises the variance between the two sides."""
+    counts, edges = np.histogram(x, bins=bins, range=(0, 1))
+    centres = (edges[:-1] + edges[1:]) / 2
+    weight = np.cumsum(counts)
+    mean = np.cumsum(counts * centres)
+    below, above = weight[:-1], weight[-1] - weight[:-1]
+    between = (mean[-1] * below - mean[:-1] * weight[-1]) ** 2 / np.maximum(below * above, 1)
+    return float(edges[1:-1][np.argmax(between)])
+
+
+def fit_to_mnist(ink: np.ndarray) -> np.ndarray:
+    """Fit the ink into 20x20, aspect ratio kept, and centre its centre of mass in 28x28, as MNIST was made."""
+    h, w = ink.shape
+    scale = 20 / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    small = np.asarray(Image.fromarray(ink.astype(np.float32)).resize(size, Image.Resampling.LANCZOS))
+    small = np.clip(small, 0, 1)
+    total = small.sum()
+    rows, cols = np.indices(small.shape)
+    cy, cx = (rows * small).sum() / total, (cols * small).sum() / total
+    top, left = int(round(14 - cy)), int(round(14 - cx))
+    top, left = min(max(top, 0), 28 - small.shape[0]), min(max(left, 0), 28 - small.shape[1])
+    out = np.zeros((28, 28), dtype=np.float32)
+    out[top:top + small.shape[0], left:left + small.shape[1]] = small
+    return out
+
+
+def prepare_digit(source) -> np.ndarray:
+    """Any image of one digit -> a 28x28 uint8 MNIST digit, light on dark, sized and centred like MNIST's.
+
+    `source` is a file path, a file object, bytes, a PIL image or an array; of any size, grey or
+    colour, dark ink on light paper or light on dark. Raises ValueError with a short reason (NoDigit
+    when no ink stands out), for one line per file in predict.py.
+    """
+    image = load_image(source)
+    if max(image.size) > WORK_SIZE:
+        image = image.copy()
+        image.thumbnail((WORK_SIZE, WORK_SIZE), Image.Resampling.LANCZOS)
+    x = grey(image)
+    low, middle, high = np.percentile(x, [1, 50, 99])
+    if middle - low > high - middle:  # the background (the majority) is the light side: dark ink on paper
+        x = 1 - x
+    small = min(x.shape) < 64  # already digit-sized, like MNIST itself: no filtering that would blur it
+    if small:
+        x = remove_background(x)
+    else:  # a 5x5 median removes sensor noise and specks; strokes at this size are wider than that
+        x = remove_uneven_background(x)
+        top = max(float(x.max()), 1e-6)  # the median runs far faster on 8-bit pixels than on floats
+        eight_bit = Image.fromarray((x / top * 255).round().astype(np.uint8))
+        x = np.asarray(eight_bit.filter(ImageFilter.MedianFilter(5)), dtype=np.float32) / 255 * top
+    peak = np.percentile(x, 99.9)
+    if peak < MIN_CONTRAST:
+        raise NoDigit("no digit found: nothing stands out from the background")
+    x = np.clip(x / peak, 0, 1)
+    level = INK_LEVEL if small else max(INK_LEVEL, otsu(x))  # Otsu: the level that best splits ink from the rest
+    mask = x > level
+    if not small:  # the bounding box from an opened mask, so that a stray speck does not widen it
+        opened = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255)
+                            .filter(ImageFilter.MinFilter(3)).filter(ImageFilter.MaxFilter(3))) > 0
+        mask = opened if opened.any() else mask
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    ink = np.where(x > level / 2, x, 0)[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    digit = fit_to_mnist(ink)
+    return (digit / max(digit.max(), 1e-6) * 255).round().astype(np.uint8)
+
+
+# --- photographed digits, for measuring prepare_digit ------------------------------------------
+
+def photograph(digit: np.ndarray, rng: np.random.Generator) -> bytes:
+    """A 28x28 MNIST digit as if written on paper and photographed: scaled 3-10x, off-centre on a larger
+    canvas, mostly dark on light, uneven light, blur, sensor noise, grey or tinted, as JPEG or PNG bytes."""
+    scale = rng.uniform(3, 10)
+    size = round(28 * scale)
+    ink = np.asarray(Image.fromarray(digit).resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32) / 255
+    height, width = (round(size * rng.uniform(1.3, 2.5)) for _ in range(2))
+    top, left = rng.integers(0, height - size + 1), rng.integers(0, width - size + 1)
+    canvas = np.zeros((height, width), dtype=np.float32)
+    canvas[top:top + size, left:left + size] = ink
+    if rng.random() < 0.75:  # dark ink on light paper
+        paper, pen = rng.uniform(0.7, 0.95), rng.uniform(0.05, 0.3)
+    else:
+        paper, pen = rng.uniform(0.05, 0.25), rng.uniform(0.75, 0.95)
+    picture = paper + (pen - paper) * canvas
+    angle = rng.uniform(0, 2 * np.pi)
+    rows, cols = np.mgrid[0:height, 0:width]
+    ramp = (np.cos(angle) * cols / width + np.sin(angle) * rows / height)
+    picture *= 1 - rng.uniform(0.2, 0.45) * (ramp - ramp.min()) / max(np.ptp(ramp), 1e-6)  # light from one side
+    focus = ImageFilter.GaussianBlur(rng.uniform(0.3, 0.8) * scale / 3)
+    picture = np.asarray(Image.fromarray((np.clip(picture, 0, 1) * 255).astype(np.uint8)).filter(focus)) / 255
+    picture = picture + rng.normal(0, rng.uniform(0.01, 0.05), picture.shape)
+    picture = (np.clip(picture, 0, 1) * 255).round().astype(np.uint8)
+    image = Image.fromarray(picture)
+    if rng.random() < 0.5:  # tinted colour: warm paper under indoor light, say
+        tint = rng.uniform(0.8, 1.0, size=3)
+        image = Image.fromarray((np.asarray(image.convert("RGB")) * tint).astype(np.uint8))
+    buffer = io.BytesIO()
+    if rng.random() < 0.5:
+        image.save(buffer, format="JPEG", quality=int(rng.integers(70, 96)))
+    else:
+        image.save(buffer, format="PNG")
+    return buffer.getvalue()
+

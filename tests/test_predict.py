@@ -1,0 +1,176 @@
+"""A user's own digits: prepare_digit makes photos and scans look like MNIST, and predict.py classifies them."""
+import io
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+import predict as predict_cli
+from conftest import ROOT, call_main
+from data import load_split
+from digits import NoDigit, photograph, prepare_digit
+from model import load_checkpoint, model_logits, predict
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from photos import photo_set  # noqa: E402
+
+
+def drawn_seven(size=(300, 220), box=(150, 40, 230, 180), ink=30, paper=225, width=12) -> Image.Image:
+    """A '7' in thick strokes, placed off-centre on a canvas, as a pen on paper would draw it."""
+    image = Image.new("L", size, paper)
+    left, top, right, bottom = box
+    ImageDraw.Draw(image).line([(left, top), (right, top), (left + 20, bottom)], fill=ink, width=width)
+    return image
+
+
+def ink_box(digit: np.ndarray) -> tuple[int, int]:
+    rows, cols = np.flatnonzero(digit.max(axis=1) > 0), np.flatnonzero(digit.max(axis=0) > 0)
+    return rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1
+
+
+def centre_of_mass(digit: np.ndarray) -> tuple[float, float]:
+    rows, cols = np.indices(digit.shape)
+    return (rows * digit).sum() / digit.sum(), (cols * digit).sum() / digit.sum()
+
+
+def similarity(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.corrcoef(a.ravel().astype(float), b.ravel().astype(float))[0, 1])
+
+
+def test_ink_is_fitted_in_20x20_and_centred_by_mass():
+    """An off-centre dark-on-light drawing becomes a 28x28 uint8 light-on-dark digit: ink fits 20x20, mass at the centre."""
+    digit = prepare_digit(drawn_seven())
+    assert digit.shape == (28, 28) and digit.dtype == np.uint8 and digit.max() == 255
+    assert max(ink_box(digit)) == 20 and min(ink_box(digit)) < 20  # aspect ratio kept
+    assert np.allclose(centre_of_mass(digit.astype(float)), (14, 14), atol=1.0)
+    assert digit[0].max() == digit[-1].max() == digit[:, 0].max() == digit[:, -1].max() == 0
+
+
+def test_polarity_is_detected():
+    """Light ink on a dark background and dark ink on light paper give the same digit."""
+    dark_on_light = prepare_digit(drawn_seven(ink=30, paper=225))
+    light_on_dark = prepare_digit(drawn_seven(ink=225, paper=30))
+    assert similarity(dark_on_light, light_on_dark) > 0.98
+
+
+def test_uneven_light_noise_colour_and_jpeg_are_removed():
+    """A gradient of light, sensor noise, a colour tint and JPEG compression leave the digit as the clean drawing gives it."""
+    clean = prepare_digit(drawn_seven())
+    rng = np.random.default_rng(0)
+    pixels = np.asarray(drawn_seven(), dtype=float)
+    pixels *= np.linspace(0.55, 1.0, pixels.shape[1])[None, :]  # light from the right
+    pixels += rng.normal(0, 10, pixels.shape)
+    rgb = np.clip(pixels[..., None] * [1.0, 0.9, 0.75], 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="JPEG", quality=75)
+    assert similarity(prepare_digit(buffer.getvalue()), clean) > 0.95
+
+
+def test_an_mnist_digit_comes_back_almost_unchanged():
+    """Input that already looks like MNIST (28x28, light on dark, fitted and centred) passes nearly as it is."""
+    digit = prepare_digit(drawn_seven())
+    again = prepare_digit(digit)
+    assert similarity(again, digit) > 0.98
+    assert np.abs(again.astype(int) - digit.astype(int)).mean() < 6
+
+
+@pytest.mark.parametrize("picture", ["flat", "noise", "gradient"])
+def test_an_image_without_ink_is_no_digit(picture):
+    """A blank page, plain sensor noise or a gradient of light alone is reported as holding no digit."""
+    rng = np.random.default_rng(1)
+    pixels = np.full((200, 200), 200.0)
+    if picture == "noise":
+        pixels += rng.normal(0, 6, pixels.shape)
+    if picture == "gradient":
+        pixels *= np.linspace(0.6, 1.0, 200)[:, None]
+    with pytest.raises(NoDigit, match="no digit found"):
+        prepare_digit(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def test_predict_prepares_every_form_of_image(tmp_path, trained_run):
+    """predict() sends files, PIL images and arrays through prepare_digit, and matches prepare_digit + prepare=False."""
+    model, _ = load_checkpoint(trained_run / "best.pt")
+    drawing = drawn_seven()
+    drawing.save(tmp_path / "seven.png")
+    forms = [str(tmp_path / "seven.png"), tmp_path / "seven.png", drawing, np.asarray(drawing), torch.from_numpy(np.asarray(drawing))]
+    expected = predict(model, prepare_digit(drawing), prepare=False)[1]
+    for form in forms:
+        assert torch.allclose(predict(model, form)[1], expected)
+    assert predict(model, forms[:3])[1].shape == (3, 10)
+
+
+@pytest.fixture
+def photos(tmp_path) -> dict:
+    """Image files of every kind predict.py meets: good photos (JPEG, PNG), a text file, a blank page, a missing path."""
+    rng = np.random.default_rng(3)
+    drawing = np.asarray(prepare_digit(drawn_seven()))
+    files = {}
+    for name in ("a.jpg", "b.png"):
+        data = photograph(drawing, rng)
+        path = tmp_path / name
+        path.write_bytes(data)
+        files[name] = path
+    (tmp_path / "notes.txt").write_text("not an image")
+    Image.new("RGB", (120, 90), "white").save(tmp_path / "blank.png")
+    files.update({"notes.txt": tmp_path / "notes.txt", "blank.png": tmp_path / "blank.png",
+                  "missing.png": tmp_path / "missing.png"})
+    return files
+
+
+def run_predict(capsys, *args):
+    return call_main(capsys, predict_cli.main, args)
+
+
+def test_cli_prints_one_line_per_image_and_goes_on_after_bad_files(photos, trained_run, capsys):
+    """Each good file gets a line (path, digit, probability); each bad one an error line; exit 1 when any failed."""
+    names = ["a.jpg", "notes.txt", "b.png", "blank.png", "missing.png"]
+    result = run_predict(capsys, *(photos[n] for n in names), "--checkpoint", trained_run / "best.pt")
+    assert result.returncode == 1
+    lines = result.stdout.splitlines()
+    assert [line.split(": ")[0] for line in lines] == [str(photos["a.jpg"]), str(photos["b.png"])]
+    assert all(line.split(": ")[1][0].isdigit() and "%)" in line for line in lines)
+    errors = result.stderr.splitlines()
+    assert errors == [f"error: {photos['notes.txt']}: not an image PIL can read (JPEG, PNG, ...)",
+                      f"error: {photos['blank.png']}: no digit found: nothing stands out from the background",
+                      f"error: {photos['missing.png']}: no such file"]
+    assert run_predict(capsys, photos["a.jpg"], "--checkpoint", trained_run / "best.pt").returncode == 0
+
+
+def test_cli_json_is_one_list_for_scripts(photos, trained_run, capsys):
+    """--json prints one JSON list of {path, digit, confidence, probabilities}, digit being the most probable."""
+    result = run_predict(capsys, photos["a.jpg"], photos["b.png"], "--json", "--checkpoint", trained_run / "best.pt")
+    assert result.returncode == 0
+    answers = json.loads(result.stdout)
+    assert [a["path"] for a in answers] == [str(photos["a.jpg"]), str(photos["b.png"])]
+    for answer in answers:
+        assert set(answer) == {"path", "digit", "confidence", "probabilities"}
+        assert sum(answer["probabilities"]) == pytest.approx(1, abs=1e-5)
+        assert answer["confidence"] == max(answer["probabilities"]) == answer["probabilities"][answer["digit"]]
+
+
+def test_cli_uses_the_latest_run_and_says_when_there_is_none(photos, trained_run, tmp_path, capsys, monkeypatch):
+    """Without --checkpoint predict.py takes the latest run's best.pt; with no run at all it says how to make one."""
+    monkeypatch.chdir(tmp_path)
+    message = run_predict(capsys, photos["a.jpg"]).stderr
+    assert message.strip() == "error: no run in runs/ has a best.pt yet; train one with `python train.py`"
+    (tmp_path / "runs" / "mine").mkdir(parents=True)
+    (tmp_path / "runs" / "mine" / "best.pt").write_bytes((trained_run / "best.pt").read_bytes())
+    assert run_predict(capsys, photos["a.jpg"]).returncode == 0
+
+
+def test_photographed_real_digits_are_read_at_97_percent(real_run):
+    """Real MNIST test digits, photographed (scaled, off-centre, mostly dark on light, light, blur, noise, tint,
+    JPEG/PNG), are classified at >= 97% through prepare_digit; MNIST itself loses at most 0.2 points through it."""
+    from conftest import REAL_DATA
+    model, _ = load_checkpoint(real_run / "best.pt")
+    images, labels = load_split(REAL_DATA, train=False, download=False)
+    photos, photo_labels = photo_set(images, labels, count=300)
+    prepared = torch.from_numpy(np.stack([prepare_digit(photo) for photo in photos]))
+    assert (model_logits(model, prepared).argmax(dim=1) == photo_labels).float().mean() >= 0.97
+    subset = slice(0, 3000)
+    as_is = (model_logits(model, images[subset]).argmax(dim=1) == labels[subset]).float().mean()
+    through = torch.from_numpy(np.stack([prepare_digit(image.numpy()) for image in images[subset]]))
+    assert (model_logits(model, through).argmax(dim=1) == labels[subset]).float().mean() >= as_is - 0.002
