@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny synthetic MNIST written in the real IDX format, so torchvision's parser runs."""
+"""Shared fixtures: tiny synthetic MNIST written in the real IDX format, so the real reading code runs."""
 import os
 import subprocess
 import sys

@@ -132,3 +132,12 @@ def test_real_mnist_matches_its_published_statistics():
     pixels = torch.cat([splits["train"].images, splits["val"].images]).float() / 255
     assert round(pixels.mean().item(), 4) == MNIST_MEAN and round(pixels.std().item(), 4) == MNIST_STD
     assert splits["test"].labels.bincount().tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+
+
+@needs_real_data
+@pytest.mark.parametrize("train", [True, False])
+def test_reader_matches_torchvision_on_the_real_files(train):
+    """load_split reads the real IDX files into exactly the tensors torchvision's own MNIST parser gives."""
+    images, labels = load_split(REAL_DATA, train=train, download=False)
+    reference = torchvision.datasets.MNIST(REAL_DATA, train=train, download=False)
+    assert torch.equal(images, reference.data) and torch.equal(labels, reference.targets)
