@@ -19,10 +19,6 @@ from torch.nn.parallel import DistributedDataParallel
 from config import UserError
 
 
-# Steps between two stop-flag agreements: 1 for one process, which needs no collective to agree with itself.
-STOP_CHECK_EVERY = 1 if int(os.environ.get("WORLD_SIZE", 1)) == 1 else 10
-
-
 def rank() -> int:
     return int(os.environ.get("RANK", 0))
 
@@ -33,6 +29,10 @@ def local_rank() -> int:
 
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", 1))
+
+
+# Steps between two stop-flag agreements: 1 for one process, which needs no collective to agree with itself.
+STOP_CHECK_EVERY = 1 if world_size() == 1 else 10
 
 
 def is_main() -> bool:
