@@ -77,6 +77,10 @@ def process_group(use_cuda: bool, timeout_seconds: int):
                             timeout=timeout)
     try:
         yield
+        # Leave together. Ranks other than 0 finish first (rank 0 alone runs the test), and one that tore its
+        # group down while rank 0 still worked sometimes aborted in gloo's C++ ("terminate called without an
+        # active exception"), which torchrun takes for a failed job.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
