@@ -8,7 +8,6 @@ import statistics
 import sys
 from pathlib import Path
 
-import torch
 
 import plots
 from config import Config, Parser, UserError

@@ -8,7 +8,6 @@ polarity, background and noise removed, fitted into 20x20 and centred by centre 
 A file that cannot be classified gets one line on stderr and the others are still classified;
 the exit code is 0 when every file was classified and 1 when any failed.
 """
-import argparse
 import json
 import sys
 from pathlib import Path
