@@ -8,7 +8,6 @@ import statistics
 import sys
 from pathlib import Path
 
-
 import plots
 from config import Config, Parser, UserError
 from data import MNISTData, load_split
