@@ -257,8 +257,9 @@ def log_epoch(writer, row: dict, step: int, images: int) -> None:
 
 
 def log_test(writer, cfg: Config, run: dict, logits, test: MNISTData, step: int) -> None:
-    """The test result, the config with the final metrics for the HParams tab, and the test figures."""
-    (test_loss, test_acc), labels = scores(logits, test.labels), test.labels.cpu()
+    """The test result (run's test_loss and test_acc), the config with the final metrics for the HParams tab,
+    and the test figures drawn from the logits."""
+    test_loss, test_acc, labels = run["test_loss"], run["test_acc"], test.labels.cpu()
     writer.add_scalar("test/loss", test_loss, step)
     writer.add_scalar("test/accuracy", test_acc, step)
     hparams = {k: v for k, v in asdict(cfg).items() if k not in ("data_dir", "out_dir", "run_name", "resume")}
@@ -353,7 +354,8 @@ def fit(cfg: Config, run_dir: Path, resumed, stop_requested, writer) -> int:
     test_loss, test_acc = scores(logits, splits["test"].labels)
     best_ckpt.update(test_loss=test_loss, test_acc=test_acc)
     save_checkpoint(best_ckpt, run_dir / "best.pt")
-    write_metrics(run_dir, {**run, "test_loss": test_loss, "test_acc": test_acc})
+    run.update(test_loss=test_loss, test_acc=test_acc)
+    write_metrics(run_dir, run)
     plots.plot_curves({cfg.model: run["history"]}, run_dir / "curves.png")
     log_test(writer, cfg, run, logits, splits["test"], scheduler.last_epoch)
     print(f"test: loss {test_loss:.4f}, accuracy {test_acc:.2%} (best.pt, epoch {run['best_epoch']}, "
