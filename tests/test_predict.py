@@ -1,7 +1,6 @@
 """A user's own digits: prepare_digit makes photos and scans look like MNIST, and predict.py classifies them."""
 import io
 import json
-import sys
 
 import numpy as np
 import pytest
@@ -9,13 +8,11 @@ import torch
 from PIL import Image, ImageDraw
 
 import predict as predict_cli
-from conftest import ROOT, call_main
+from benchmarks.photos import photo_set, photograph
+from conftest import call_main
 from data import load_split
-from digits import NoDigit, photograph, prepare_digit
+from digits import NoDigit, prepare_digit
 from model import load_checkpoint, model_logits, predict
-
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from photos import photo_set  # noqa: E402
 
 
 def drawn_seven(size=(300, 220), box=(150, 40, 230, 180), ink=30, paper=225, width=12) -> Image.Image:
