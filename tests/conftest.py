@@ -1,7 +1,10 @@
 """Shared fixtures: tiny synthetic MNIST written in the real IDX format, so the real reading code runs."""
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +79,85 @@ def run_cli(script: str, *args, timeout=120, **kwargs) -> subprocess.CompletedPr
     """Run one of the project's scripts in a fresh Python process, as a user would."""
     return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT, **kwargs)
+
+
+def one_line_error(result, exit_code=2) -> str:
+    """The process failed with `exit_code` and said why on exactly one stderr line, without a traceback."""
+    assert result.returncode == exit_code, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+def copy_run(run_dir: Path, out_dir: Path) -> Path:
+    """A copy of a run folder inside out_dir, for a test that runs into it: a shared fixture's run stays as it is."""
+    return Path(shutil.copytree(run_dir, Path(out_dir) / Path(run_dir).name))
+
+
+# --- processes that a test starts, reads while they run, and stops ----------------------------
+
+# tests/train_paused.py is train.py that stops after optimiser step $PAUSE_AFTER_STEP, prints PAUSED, and
+# waits for a signal: a test that interrupts a run then knows it is still going, and at which step.
+PAUSED_TRAIN = ROOT / "tests" / "train_paused.py"
+PAUSED = "paused after step"
+
+
+def paused_at(step: int) -> dict:
+    """The environment that makes tests/train_paused.py pause after optimiser step `step`."""
+    return {**os.environ, "PAUSE_AFTER_STEP": str(step)}
+
+
+def start(command, **popen) -> subprocess.Popen:
+    """Start a process whose stdout the test reads line by line while it runs. Its stderr goes to a temporary
+    file rather than a pipe: a pipe that nobody reads blocks the writer once it holds 64 KiB."""
+    stderr = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen([str(part) for part in command], cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr,
+                            text=True, **popen)
+    proc.stderr_file = stderr
+    return proc
+
+
+def stderr_of(proc: subprocess.Popen) -> str:
+    """All that a process from start() has written to stderr so far."""
+    proc.stderr_file.seek(0)
+    return proc.stderr_file.read()
+
+
+def finish(proc: subprocess.Popen, timeout=120) -> subprocess.CompletedProcess:
+    """Wait for a process from start() to end and return its output; after `timeout` seconds kill it and fail."""
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_all(proc)
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, stderr_of(proc))
+
+
+def children(proc: subprocess.Popen) -> list[int]:
+    """The PIDs of the processes that proc started (torchrun's workers), read from /proc."""
+    listing = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+    return [int(pid) for pid in listing.read_text().split()] if listing.exists() else []
+
+
+def kill_all(proc: subprocess.Popen) -> None:
+    """SIGKILL a process and the processes it started (torchrun and its workers), and reap it."""
+    for pid in [*children(proc), proc.pid]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.communicate()
+
+
+def wait_for_line(proc: subprocess.Popen, start_of_line: str) -> list[str]:
+    """Read a running process's stdout up to the first line that begins with `start_of_line`; return the lines read."""
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith(start_of_line):
+            return lines
+    raise AssertionError(f"the process ended before printing {start_of_line!r}:\n{''.join(lines)}{stderr_of(proc)}")
 
 
 def call_main(capsys, main, args) -> subprocess.CompletedProcess:

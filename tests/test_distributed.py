@@ -4,8 +4,8 @@ import functools
 import gzip
 import http.server
 import os
+import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import train
-from conftest import ROOT, fast_args, run_flags
+from conftest import (PAUSED, PAUSED_TRAIN, ROOT, children, fast_args, finish, kill_all, paused_at, run_flags, start,
+                      wait_for_line)
 from data import RAW_FILES
 from model import load_checkpoint
 
@@ -24,49 +25,16 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="th
 TIMEOUT = 120
 # 499 training images in batches of 50: the last batch of 49 splits 25/24, so the loss weighting is tested too.
 UNEVEN = ["--val-size", 101]
+# The runs that a test interrupts: 500 images in batches of 10, 50 steps an epoch, paused in the middle of epoch 2.
+INTERRUPTED = ["--epochs", 3, "--batch-size", 10]
+PAUSE_STEP = 75
 
 
 def torchrun(*args, nproc=2, extra=(), script=ROOT / "train.py", **popen) -> subprocess.Popen:
     """Start `torchrun --standalone` (or with `extra` rendezvous flags) on the project's train.py."""
     launch = extra or ["--standalone"]
-    command = [sys.executable, "-m", "torch.distributed.run", *launch, "--nproc-per-node", str(nproc),
-               str(script), *map(str, args)]
-    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
-
-
-def finish(proc: subprocess.Popen, timeout=TIMEOUT) -> subprocess.CompletedProcess:
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        kill_all(proc)
-        raise
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-
-
-def kill_all(proc: subprocess.Popen) -> None:
-    """SIGKILL torchrun and its workers."""
-    for pid in [*workers(proc), proc.pid]:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.communicate()
-
-
-def workers(proc: subprocess.Popen) -> list[int]:
-    """The PIDs of the worker processes torchrun started."""
-    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
-    return [int(pid) for pid in children.read_text().split()] if children.exists() else []
-
-
-def wait_for_row(proc: subprocess.Popen, epoch: int) -> list[str]:
-    """Read torchrun's output until the epoch's row of the table; return the lines read."""
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if line.split()[:1] == [str(epoch)]:
-            return lines
-    raise AssertionError("the run ended before epoch %d: %s" % (epoch, proc.stderr.read()))
+    return start([sys.executable, "-m", "torch.distributed.run", *launch, "--nproc-per-node", nproc, script, *args],
+                 **popen)
 
 
 def rows(stdout: str) -> list[list[str]]:
@@ -105,24 +73,28 @@ def test_two_processes_follow_the_one_process_trajectory(mnist_dir, tmp_path, on
     assert result.stdout.count("test: loss") == 1 and result.stdout.count("config:") == 1
     assert "device: cpu, 2 processes x 1 threads" in result.stdout  # torchrun's OMP_NUM_THREADS=1, respected
     assert [p.name for p in tmp_path.iterdir()] == ["two"]
-    writers = {name.split(".")[4] for name in os.listdir(tmp_path / "two") if name.startswith("events.out")}
-    assert len(writers) == 1  # event files of one process (its PID is in their names): rank 0's
+    assert len(event_writers(tmp_path / "two")) == 1  # rank 0 alone logs
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def event_writers(run_dir: Path) -> set[int]:
+    """The PIDs of the processes that wrote a run folder's event files, named events.out.tfevents.TIME.HOST.PID.N
+    (the host name may hold dots itself)."""
+    names = [path.name for path in run_dir.glob("events.out.tfevents.*")]
+    assert names, f"no event files in {run_dir}"
+    return {int(re.fullmatch(r"events\.out\.tfevents\.\d+\..+\.(\d+)\.\d+", name)[1]) for name in names}
 
 
 def test_two_machines_meet_over_loopback(mnist_dir, tmp_path, one_process):
     """Two torchrun launches (--nnodes 2, c10d rendezvous on 127.0.0.1) train together like one process."""
-    port = free_port()
+    # The rendezvous store is this test's own, on a port that the system chose and that stays bound: a port
+    # found free and let go could be taken by another process before torchrun binds it again.
+    store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     # Both "machines" share this one's cores: a thread each, as torchrun gives 2 processes on one machine.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     launches = [torchrun(*fast_args(mnist_dir, tmp_path / "nodes", *UNEVEN), nproc=1, env=env,
-                         extra=["--nnodes", "2", "--node-rank", str(node), "--rdzv-backend", "c10d",
-                                "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "test-nodes"])
+                         extra=["--nnodes", "2", "--node-rank", node, "--local-addr", "127.0.0.1",
+                                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{store.port}",
+                                "--rdzv-conf", "is_host=0", "--rdzv-id", "test-nodes"])
                 for node in (0, 1)]
     results = [finish(proc) for proc in launches]
     assert [r.returncode for r in results] == [0, 0], [r.stderr[-2000:] for r in results]
@@ -210,10 +182,10 @@ def test_only_one_process_per_machine_downloads(mnist_dir, tmp_path):
 def test_ctrl_c_stops_every_rank_at_one_step_and_the_run_resumes_on_one_process(mnist_dir, tmp_path):
     """SIGINT to torchrun's whole process group: rank 0 saves last.pt mid-epoch and says how to resume, once;
     the run then finishes on 1 process with each epoch once in its history."""
-    args = fast_args(mnist_dir, tmp_path / "run", "--epochs", 3, "--batch-size", 10)
-    proc = torchrun(*args, start_new_session=True)
+    proc = torchrun(*fast_args(mnist_dir, tmp_path / "run", *INTERRUPTED), script=PAUSED_TRAIN,
+                    env=paused_at(PAUSE_STEP), start_new_session=True)
     try:
-        wait_for_row(proc, 1)
+        wait_for_line(proc, PAUSED)
         os.killpg(proc.pid, signal.SIGINT)
         result = finish(proc)
     finally:
@@ -222,8 +194,8 @@ def test_ctrl_c_stops_every_rank_at_one_step_and_the_run_resumes_on_one_process(
     assert result.stderr.count("To continue: python train.py") == 1
     assert "Traceback" not in "".join(line for line in result.stderr.splitlines(True) if line.startswith("[rank"))
     saved = load_checkpoint(tmp_path / "run" / "last.pt")[1]
-    assert (saved["epoch"], saved["world_size"]) >= (1, 2) and saved["epoch"] < 3
-    assert 0 < saved["epoch_progress"]["seen"] < 500 or saved["epoch_progress"]["step"] == 0
+    assert saved["world_size"] == 2 and saved["epoch"] == 1  # saved by the 2 processes, in epoch 2
+    assert PAUSE_STEP - 50 <= saved["epoch_progress"]["step"] < 50 and 0 < saved["epoch_progress"]["seen"] < 500
     assert train.main([*run_flags(tmp_path / "run"), "--resume"]) == 0
     history = load_checkpoint(tmp_path / "run" / "last.pt")[1]["history"]
     assert [row["epoch"] for row in history] == [1, 2, 3]
@@ -232,9 +204,10 @@ def test_ctrl_c_stops_every_rank_at_one_step_and_the_run_resumes_on_one_process(
 
 def test_sigterm_to_torchrun_saves_and_stops_the_workers(mnist_dir, tmp_path):
     """SIGTERM to the torchrun agent alone (as SLURM or Kubernetes send it) reaches the workers, which save last.pt."""
-    proc = torchrun(*fast_args(mnist_dir, tmp_path / "run", "--epochs", 3, "--batch-size", 10))
+    proc = torchrun(*fast_args(mnist_dir, tmp_path / "run", *INTERRUPTED), script=PAUSED_TRAIN,
+                    env=paused_at(PAUSE_STEP))
     try:
-        wait_for_row(proc, 1)
+        wait_for_line(proc, PAUSED)
         proc.send_signal(signal.SIGTERM)
         result = finish(proc)
     finally:
@@ -242,20 +215,25 @@ def test_sigterm_to_torchrun_saves_and_stops_the_workers(mnist_dir, tmp_path):
             kill_all(proc)
     assert "SIGTERM: stopping after this step to save last.pt" in result.stderr
     assert result.stderr.count("To continue: python train.py") == 1
-    assert 1 <= load_checkpoint(tmp_path / "run" / "last.pt")[1]["epoch"] < 3
+    saved = load_checkpoint(tmp_path / "run" / "last.pt")[1]
+    assert saved["epoch"] == 1 and PAUSE_STEP - 50 <= saved["epoch_progress"]["step"] < 50
 
 
 def test_sigterm_stops_a_single_process_run_like_ctrl_c(mnist_dir, tmp_path):
     """SIGTERM to a plain `python train.py` saves last.pt at the current step and exits 130 with the resume command."""
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"),
-                             *fast_args(mnist_dir, tmp_path / "run", "--epochs", 3, "--batch-size", 5)],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for_row(proc, 1)
-    proc.send_signal(signal.SIGTERM)
-    result = finish(proc)
+    proc = start([sys.executable, PAUSED_TRAIN, *fast_args(mnist_dir, tmp_path / "run", *INTERRUPTED)],
+                 env=paused_at(PAUSE_STEP))
+    try:
+        wait_for_line(proc, PAUSED)
+        proc.send_signal(signal.SIGTERM)
+        result = finish(proc)
+    finally:
+        if proc.returncode is None:
+            kill_all(proc)
     assert result.returncode == 130, result.stderr
     assert "To continue: python train.py" in result.stderr and "Traceback" not in result.stderr
-    assert 1 <= load_checkpoint(tmp_path / "run" / "last.pt")[1]["epoch"] < 3
+    saved = load_checkpoint(tmp_path / "run" / "last.pt")[1]
+    assert (saved["epoch"], saved["epoch_progress"]["step"]) == (1, PAUSE_STEP - 50)  # the step it was on
 
 
 def test_a_killed_worker_is_restarted_and_the_run_finishes(mnist_dir, tmp_path):
@@ -263,11 +241,11 @@ def test_a_killed_worker_is_restarted_and_the_run_finishes(mnist_dir, tmp_path):
     in the same run folder, and the run ends with each epoch once in its history."""
     if not Path("/proc").is_dir():
         pytest.skip("finding torchrun's workers needs /proc")
-    proc = torchrun(*fast_args(mnist_dir, tmp_path / "runs" / "run", "--epochs", 3, "--batch-size", 10),
-                    extra=["--standalone", "--max-restarts", "1"])
+    proc = torchrun(*fast_args(mnist_dir, tmp_path / "runs" / "run", *INTERRUPTED), script=PAUSED_TRAIN,
+                    env=paused_at(PAUSE_STEP), extra=["--standalone", "--max-restarts", "1"])
     try:
-        wait_for_row(proc, 1)
-        os.kill(workers(proc)[-1], signal.SIGKILL)
+        wait_for_line(proc, PAUSED)  # epoch 1 is in last.pt; the restarted group does not pause
+        os.kill(children(proc)[-1], signal.SIGKILL)
         result = finish(proc)
     finally:
         if proc.returncode is None:
