@@ -142,11 +142,12 @@ def children(proc: subprocess.Popen) -> list[int]:
 
 def kill_all(proc: subprocess.Popen) -> None:
     """SIGKILL a process and the processes it started (torchrun and its workers), and reap it."""
-    for pid in [*children(proc), proc.pid]:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    if proc.poll() is None:  # once reaped, its PID may already belong to another process
+        for pid in [*children(proc), proc.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
     proc.communicate()
 
 

@@ -5,10 +5,9 @@ from nbclient import NotebookClient
 
 import evaluate
 import metrics
-from conftest import ROOT, call_main, fast_args
+from conftest import ROOT, call_main, fast_args, one_line_error
 from data import MNISTData, load_split
 from model import load_checkpoint
-from test_faults import one_line_error
 
 
 @pytest.fixture

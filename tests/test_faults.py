@@ -11,18 +11,10 @@ import torch
 import model as model_module
 import rundir
 import train
-from conftest import ROOT, fast_args, run_flags
+from conftest import (PAUSED, PAUSED_TRAIN, ROOT, copy_run, fast_args, finish, kill_all, one_line_error, paused_at,
+                      run_flags, start, wait_for_line)
 from model import load_checkpoint, save_checkpoint
 from rundir import atomic_write
-
-
-def one_line_error(result, exit_code=2) -> str:
-    """The process failed with `exit_code` and said why on exactly one stderr line, without a traceback."""
-    assert result.returncode == exit_code, (result.returncode, result.stderr)
-    assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
 
 
 # --- checkpoints ----------------------------------------------------------------------
@@ -95,13 +87,13 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monke
 
 
 SLOW_SAVE = """
-import os, sys, time
+import os, sys, threading
 sys.path.insert(0, {root!r})
 import torch
 import model, rundir
 def stalled_fsync(fd):  # the new bytes are written to the temporary file; hang before the rename
     print("writing", flush=True)
-    time.sleep(60)
+    threading.Event().wait()  # until the test kills this process
 rundir.os.fsync = stalled_fsync
 model.save_checkpoint({{"model": {{"w": torch.zeros(1000)}}, "model_name": "cnn", "model_args": {{}}}}, {path!r})
 """
@@ -137,22 +129,23 @@ def test_atomic_write_replaces_the_whole_file(tmp_path):
 
 def test_ctrl_c_saves_and_resume_finishes_like_an_unbroken_run(mnist_dir, tmp_path):
     """SIGINT mid-run exits 130 with the resume command; --resume then ends with the unbroken run's weights."""
-    # Batches of 5 make each epoch ~100 steps, so the signal lands while epochs 2 to 4 are running.
-    args = fast_args(mnist_dir, tmp_path / "broken", "--epochs", 4, "--batch-size", 5)
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in proc.stdout:  # wait until training is under way
-        if line.split()[:1] == ["1"]:
-            break
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
-    assert f"To continue: python train.py --out-dir {tmp_path} --run-name broken --resume" in err
-    assert "Traceback" not in err
+    # Batches of 5 make each epoch 100 steps: the run pauses, still going, in the middle of epoch 2.
+    args = fast_args(mnist_dir, tmp_path / "broken", "--epochs", 2, "--batch-size", 5)
+    proc = start([sys.executable, PAUSED_TRAIN, *args], env=paused_at(150))
+    try:
+        wait_for_line(proc, PAUSED)
+        proc.send_signal(signal.SIGINT)
+        result = finish(proc, timeout=60)
+    finally:
+        if proc.returncode is None:
+            kill_all(proc)
+    assert result.returncode == 130, result.stderr
+    assert f"To continue: python train.py --out-dir {tmp_path} --run-name broken --resume" in result.stderr
+    assert "Traceback" not in result.stderr
     saved = load_checkpoint(tmp_path / "broken" / "last.pt")[1]
-    assert 1 <= saved["epoch"] < 4
+    assert (saved["epoch"], saved["epoch_progress"]["step"]) == (1, 50)
     assert train.main(["--out-dir", str(tmp_path), "--run-name", "broken", "--resume"]) == 0
-    assert train.main(fast_args(mnist_dir, tmp_path / "whole", "--epochs", 4, "--batch-size", 5)) == 0
+    assert train.main(fast_args(mnist_dir, tmp_path / "whole", "--epochs", 2, "--batch-size", 5)) == 0
     a, b = (load_checkpoint(tmp_path / d / "last.pt")[0].state_dict() for d in ("broken", "whole"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -190,16 +183,20 @@ def test_disk_full_during_training_is_one_line_and_keeps_the_old_checkpoints(mni
     assert not list(tmp_path.glob("**/.*.tmp"))
 
 
-def test_resume_with_another_model_names_the_mismatch(trained_run, run_main):
-    """--resume with a different --model is refused, naming the field and both values."""
-    result = run_main(*run_flags(trained_run), "--resume", "--model", "fcnn")
+def test_resume_with_another_model_names_the_mismatch(trained_run, tmp_path, run_main):
+    """--resume with a different --model is refused, naming the field and both values, and changes no file."""
+    run = copy_run(trained_run, tmp_path)
+    before = {p: p.read_bytes() for p in run.iterdir()}
+    result = run_main(*run_flags(run), "--resume", "--model", "fcnn")
     message = one_line_error(result)
     assert "cannot resume: the saved run differs in model 'cnn' -> 'fcnn'" in message
+    assert {p: p.read_bytes() for p in run.iterdir()} == before
 
 
-def test_resume_with_a_changed_hyperparameter_names_it(trained_run, run_main):
+def test_resume_with_a_changed_hyperparameter_names_it(trained_run, tmp_path, run_main):
     """--resume with a different learning rate or batch size is refused, naming each change."""
-    message = one_line_error(run_main(*run_flags(trained_run), "--resume", "--lr", 0.3, "--batch-size", 7))
+    run = copy_run(trained_run, tmp_path)
+    message = one_line_error(run_main(*run_flags(run), "--resume", "--lr", 0.3, "--batch-size", 7))
     assert "batch_size 50 -> 7, lr 0.15 -> 0.3" in message
 
 

@@ -12,9 +12,8 @@ import pytest
 import evaluate
 import rundir
 import train
-from conftest import ROOT, call_main, fast_args, run_flags
+from conftest import ROOT, call_main, copy_run, fast_args, one_line_error, run_flags
 from model import load_checkpoint
-from test_faults import one_line_error
 
 FAST = ["--no-download", "--val-size", "100", "--epochs", "1", "--batch-size", "50", "--device", "cpu"]
 
@@ -47,12 +46,13 @@ def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path):
     assert len(names) == 5
 
 
-def test_a_named_run_is_never_started_over(trained_run, mnist_dir, run_main):
+def test_a_named_run_is_never_started_over(trained_run, mnist_dir, tmp_path, run_main):
     """A fresh run into an existing run's folder (--run-name) is refused in one line, and its files are unchanged."""
-    before = files_of(trained_run)
-    message = one_line_error(run_main(*fast_args(mnist_dir, trained_run)))
-    assert f"run {trained_run} already exists; continue it with --run-name {trained_run.name} --resume" in message
-    assert files_of(trained_run) == before
+    run = copy_run(trained_run, tmp_path)
+    before = files_of(run)
+    message = one_line_error(run_main(*fast_args(mnist_dir, run)))
+    assert f"run {run} already exists; continue it with --run-name {run.name} --resume" in message
+    assert files_of(run) == before
 
 
 def test_latest_checkpoint_is_the_run_saved_last(tmp_path):
@@ -92,12 +92,12 @@ def test_evaluate_with_no_arguments_takes_the_latest_best(trained_run, mnist_dir
 
 
 HOLD_LOCK = """
-import sys, time
+import sys, threading
 sys.path.insert(0, {root!r})
 import rundir
 with rundir.locked(rundir.Path({run_dir!r})):
     print("locked", flush=True)
-    time.sleep(60)
+    threading.Event().wait()  # until the test kills this process
 """
 
 

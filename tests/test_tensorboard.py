@@ -6,6 +6,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train
-from conftest import ROOT, fast_args
+from conftest import PAUSED, PAUSED_TRAIN, fast_args, kill_all, paused_at, start, wait_for_line
 
 STEPS_PER_EPOCH = 10  # fast_args: 500 training images in batches of 50
 SCALARS = {"step/loss", "step/lr", "loss/train", "loss/val", "accuracy/train", "accuracy/val",
@@ -70,7 +71,9 @@ def test_resume_continues_the_curves_without_a_step_twice(mnist_dir, tmp_path):
     epoch_one = (run_dir / "last.pt").read_bytes()
     assert train.main(fast_args(mnist_dir, run_dir, "--epochs", 2, "--resume")) == 0
     (run_dir / "last.pt").write_bytes(epoch_one)  # as if epoch 2 had been logged, then the run was killed
-    time.sleep(1)  # a new event file's name holds the second it was made
+    for path in run_dir.glob("events.out.tfevents.*"):  # ... a while ago: TensorBoard reads the files in name order,
+        _, _, _, seconds, rest = path.name.split(".", 4)  # and a name starts with the second its writer was made
+        path.rename(path.with_name(f"events.out.tfevents.{int(seconds) - 60:010d}.{rest}"))
     assert train.main(fast_args(mnist_dir, run_dir, "--epochs", 2, "--resume")) == 0
     reader = events(run_dir)
     assert steps(reader, "step/loss") == [3, 6, 9, 12, 15, 18]
@@ -86,18 +89,16 @@ def test_no_tensorboard_writes_no_events(mnist_dir, tmp_path):
 
 
 def test_a_killed_run_leaves_readable_events(mnist_dir, tmp_path):
-    """kill -9 after the first epoch leaves event files that TensorBoard reads, holding that epoch."""
-    args = fast_args(mnist_dir, tmp_path / "killed", "--epochs", 4, "--batch-size", 5)
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    """kill -9 in the second epoch leaves event files that TensorBoard reads, holding the first epoch."""
+    args = fast_args(mnist_dir, tmp_path / "killed", "--epochs", 2, "--batch-size", 5)
+    proc = start([sys.executable, PAUSED_TRAIN, *args], env=paused_at(150))  # half-way through epoch 2
     try:
-        for line in proc.stdout:
-            if line.split()[:1] == ["1"]:  # the first epoch's row: its scalars are flushed
-                break
+        wait_for_line(proc, PAUSED)
         proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
+        assert proc.wait(timeout=30) == -signal.SIGKILL  # it was still running, with its writer open
     finally:
-        proc.kill()
+        if proc.returncode is None:
+            kill_all(proc)
     reader = events(tmp_path / "killed")
     assert steps(reader, "loss/val")[:1] == [100]  # 500 images in batches of 5
 
@@ -120,6 +121,7 @@ def test_tensorboard_server_lists_the_runs_scalars(logged_run, tmp_path):
             found = re.search(r"(http://127\.0\.0\.1:\d+)/", line)
             url = found and found[1]
         assert url, "tensorboard did not say where it serves"
+        threading.Thread(target=server.stdout.read, daemon=True).start()  # a full pipe would stop the server
         tags = {}
         while "mine" not in tags and time.monotonic() < deadline:  # it loads the events in the background
             with urllib.request.urlopen(f"{url}/data/plugin/scalars/tags", timeout=10) as response:
