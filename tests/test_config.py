@@ -1,4 +1,4 @@
-from dataclasses import fields
+from dataclasses import fields, replace
 
 import pytest
 
@@ -20,17 +20,28 @@ def test_overrides_parse_to_the_field_types():
     assert type(cfg.epochs) is int and type(cfg.lr) is float and type(cfg.nesterov) is bool
 
 
+def other_value(f, default):
+    """A valid value for the field that is not its default."""
+    if f.metadata["choices"]:
+        return next(choice for choice in f.metadata["choices"] if choice != default)
+    if f.type is str:
+        return f"other{default}"
+    return default / 2 or 0.5 if f.type is float else default + 1
+
+
 def test_every_field_has_a_flag_that_sets_it():
-    """Each config field is set by its dashed flag, so the CLI and config.py never drift apart."""
+    """Each field's dashed flag (a bool's --x and --no-x) sets that field, and only it, to a value other than its
+    default, so the CLI and config.py never drift apart."""
+    defaults = Config()
     for f in fields(Config):
-        value = {bool: False, int: 3, float: 0.5, str: "cpu"}[f.type]
-        if f.metadata["choices"]:
-            value = f.metadata["choices"][-1]
-        flag = f"--{f.name.replace('_', '-')}"
-        argv = [f"--no-{flag[2:]}"] if f.type is bool else [flag, str(value)]
-        if f.name == "nesterov":
-            argv += ["--momentum", "0"]
-        assert getattr(parse_args(argv), f.name) == value, f.name
+        flag, default = f"--{f.name.replace('_', '-')}", getattr(defaults, f.name)
+        if f.type is bool:
+            cases = [([flag], True), ([f"--no-{flag[2:]}"], False)]
+        else:
+            cases = [([flag, str(other_value(f, default))], other_value(f, default))]
+        for argv, value in cases:
+            assert parse_args(argv) == replace(defaults, **{f.name: value}), argv
+        assert {value for _, value in cases} != {default}, f"{f.name}: no flag moved it off its default"
 
 
 @pytest.mark.parametrize("argv, message", [
