@@ -97,7 +97,7 @@ def copy_run(run_dir: Path, out_dir: Path) -> Path:
 
 # --- processes that a test starts, reads while they run, and stops ----------------------------
 
-# tests/train_paused.py is train.py that stops after optimiser step $PAUSE_AFTER_STEP, prints PAUSED, and
+# tests/train_paused.py is train.py that pauses after optimiser step $PAUSE_AFTER_STEP, prints PAUSED, and
 # waits for a signal: a test that interrupts a run then knows it is still going, and at which step.
 PAUSED_TRAIN = ROOT / "tests" / "train_paused.py"
 PAUSED = "paused after step"

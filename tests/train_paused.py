@@ -20,7 +20,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook  # noqa: E40
 import train  # noqa: E402
 
 PAUSE_AFTER_STEP = int(os.environ["PAUSE_AFTER_STEP"])
-restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0
+restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
 steps = 0
 
 # Python's C-level handler writes a byte here for every signal that arrives, on whichever thread it lands,
@@ -34,7 +34,7 @@ def pause(optimizer, args, kwargs) -> None:
     global steps
     steps += 1
     if steps == PAUSE_AFTER_STEP and not restarted:
-        if int(os.environ.get("RANK", 0)) == 0:
+        if int(os.environ.get("RANK", "0")) == 0:
             print(f"paused after step {steps}", flush=True)
         os.read(woken, 1)  # until a signal; train.py's handler runs as soon as Python runs again
 
