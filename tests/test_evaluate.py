@@ -1,3 +1,5 @@
+import shutil
+
 import nbformat
 import pytest
 import torch
@@ -37,6 +39,17 @@ def test_evaluate_writes_every_figure_and_the_comparison(trained_run, fcnn_run, 
     assert all(p.stat().st_size > 10_000 for p in tmp_path.iterdir())
     table = result.stdout[result.stdout.index("run "):]
     assert f"{cnn}" in table and "8,490" in table and f"{784 * 32 + 32 + 330:,}" in table
+
+
+def test_figures_go_into_the_evaluated_runs_own_folder(trained_run, mnist_dir, tmp_path, run_evaluate):
+    """Without --out-dir the figures go to eval/ inside the first checkpoint's run folder, and nowhere else."""
+    run = tmp_path / "runs" / "cnn"
+    run.mkdir(parents=True)
+    shutil.copy(trained_run / "best.pt", run / "best.pt")
+    assert run_evaluate(run / "best.pt", "--data-dir", mnist_dir).returncode == 0
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()) == [
+        "runs/cnn/best.pt", "runs/cnn/eval/confusion_cnn.png", "runs/cnn/eval/curves.png",
+        "runs/cnn/eval/filters_cnn.png", "runs/cnn/eval/mistakes_cnn.png"]
 
 
 def test_evaluate_help(capsys):
