@@ -1,4 +1,5 @@
 """MNIST from the layouts people have: torchvision's MNIST/raw/ or the four files loose, each plain or .gz."""
+
 import gzip
 import hashlib
 import shutil
@@ -21,8 +22,10 @@ TEST_IMAGES, TEST_LABELS = RAW_FILES["test"]
 @pytest.fixture
 def no_download(monkeypatch):
     """Any download attempt fails the test: torchvision's MNIST is replaced by a function that raises."""
+
     def refuse(*args, **kwargs):
         raise AssertionError("MNIST was downloaded although a layout holds the four files")
+
     monkeypatch.setattr(torchvision.datasets, "MNIST", refuse)
 
 
@@ -31,18 +34,23 @@ def assert_same_splits(a: dict, b: dict) -> None:
         assert torch.equal(a[name].images, b[name].images) and torch.equal(a[name].labels, b[name].labels)
 
 
-@pytest.mark.parametrize("folder, gz", [
-    ("MNIST/raw", ALL_FILES),
-    (".", ()),
-    (".", ALL_FILES),
-    ("MNIST/raw", [TRAIN_IMAGES, TEST_LABELS]),
-    (".", [TRAIN_LABELS, TEST_IMAGES]),
-], ids=["raw-gz", "flat", "flat-gz", "raw-mixed", "flat-mixed"])
+@pytest.mark.parametrize(
+    "folder, gz",
+    [
+        ("MNIST/raw", ALL_FILES),
+        (".", ()),
+        (".", ALL_FILES),
+        ("MNIST/raw", [TRAIN_IMAGES, TEST_LABELS]),
+        (".", [TRAIN_LABELS, TEST_IMAGES]),
+    ],
+    ids=["raw-gz", "flat", "flat-gz", "raw-mixed", "flat-mixed"],
+)
 def test_every_layout_loads_the_same_splits(mnist_dir, tmp_path, no_download, folder, gz):
     """MNIST/raw/ or flat, each file plain or .gz: the same tensors as the plain MNIST/raw/ layout, with no download."""
     write_mnist(tmp_path, folder=folder, gz=gz)
     assert {p.name for p in (tmp_path / folder).iterdir() if p.is_file()} == {
-        f"{name}.gz" if name in gz else name for name in ALL_FILES}
+        f"{name}.gz" if name in gz else name for name in ALL_FILES
+    }
     assert_same_splits(load_splits(tmp_path, 100, 0, download=True), load_splits(mnist_dir, 100, 0, download=False))
 
 
@@ -61,13 +69,17 @@ def gz_file(root):
     return root / f"{TRAIN_IMAGES}.gz"
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda p: p.write_bytes(p.read_bytes()[:len(p.read_bytes()) // 2]), "truncated or damaged gzip file"),
-    (lambda p: p.write_bytes(p.read_bytes()[:-4]), "truncated or damaged gzip file"),  # only the length trailer cut
-    (lambda p: p.write_bytes(gzip.decompress(p.read_bytes())), "truncated or damaged gzip file"),  # not gzip at all
-    (lambda p: p.write_bytes(gzip.compress(gzip.decompress(p.read_bytes())[:-100])), "is truncated or corrupt"),
-    (lambda p: p.write_bytes(gzip.compress(b"<html>404 Not Found</html>")), "wrong magic number"),
-], ids=["truncated", "no-trailer", "not-gzip", "short-content", "wrong-content"])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda p: p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2]), "truncated or damaged gzip file"),
+        (lambda p: p.write_bytes(p.read_bytes()[:-4]), "truncated or damaged gzip file"),  # only the length trailer cut
+        (lambda p: p.write_bytes(gzip.decompress(p.read_bytes())), "truncated or damaged gzip file"),  # not gzip at all
+        (lambda p: p.write_bytes(gzip.compress(gzip.decompress(p.read_bytes())[:-100])), "is truncated or corrupt"),
+        (lambda p: p.write_bytes(gzip.compress(b"<html>404 Not Found</html>")), "wrong magic number"),
+    ],
+    ids=["truncated", "no-trailer", "not-gzip", "short-content", "wrong-content"],
+)
 def test_a_bad_gz_is_a_one_line_error_naming_it(tmp_path, damage, message):
     """A cut-off or damaged .gz, or a whole one holding bad IDX content, is named in one line, with no download."""
     path = gz_file(tmp_path)
@@ -110,7 +122,8 @@ def test_partial_layouts_are_described_in_the_error(tmp_path):
     assert str(err.value) == (
         f"MNIST is not in {tmp_path}/MNIST/raw or {tmp_path} ({tmp_path}/MNIST/raw holds 1 of the 4 files, missing "
         f"{TRAIN_IMAGES}, {TRAIN_LABELS}, {TEST_IMAGES}; {tmp_path} holds 2 of the 4 files, missing {TEST_IMAGES}, "
-        f"{TEST_LABELS}); drop --no-download to fetch it, or put the four IDX files (plain or .gz) in one of them")
+        f"{TEST_LABELS}); drop --no-download to fetch it, or put the four IDX files (plain or .gz) in one of them"
+    )
 
 
 def test_a_partial_layout_with_download_on_downloads(tmp_path, monkeypatch, capsys):
