@@ -23,7 +23,7 @@ def opt(default, help, choices=None, low=None, high=None, positive=False):
 @dataclass
 class Config:
     # --- data ---
-    data_dir: str = opt("data", "folder that holds MNIST/raw/; torchvision downloads the data there if it is missing")
+    data_dir: str = opt("data", "folder with MNIST's 4 files (.gz or not), loose or in MNIST/raw/ (where a download goes)")
     download: bool = opt(True, "download MNIST into data_dir when it is missing (--no-download to only read)")
     val_size: int = opt(5000, "training images held out for validation (1 to 59999)", low=1, high=59999)
     split_seed: int = opt(0, "seed of the train/validation split; fixed so every run validates on the same images", low=0)

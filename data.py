@@ -5,8 +5,12 @@ image per `__getitem__`. Here the same Dataset interface sits on one uint8 tenso
 split, so training slices whole batches out of memory with no per-sample work.
 """
 import contextlib
+import gzip
 import io
 import math
+import os
+import shutil
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -19,11 +23,12 @@ from config import UserError
 MNIST_MEAN = 0.1307
 MNIST_STD = 0.3081
 
-# The four files torchvision's MNIST downloads into <data_dir>/MNIST/raw/, by split.
+# The four MNIST files, by split, as torchvision names them in <data_dir>/MNIST/raw/ (and the original site, plus .gz).
 RAW_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
+ALL_FILES = [name for names in RAW_FILES.values() for name in names]
 IDX_IMAGES_MAGIC = 0x00000803  # unsigned bytes, 3 dimensions
 IDX_LABELS_MAGIC = 0x00000801  # unsigned bytes, 1 dimension
 
@@ -69,61 +74,96 @@ def epoch_order(n: int, seed: int, epoch: int, device) -> torch.Tensor:
     return torch.randperm(n, generator=generator).to(device)
 
 
-def _check_idx(path: Path, magic: int, count: int | None = None) -> int:
-    """Check one IDX file's header against its size; return its item count. Names the file when it is wrong."""
-    ndim = magic & 0xFF
+def _read_bytes(path: Path) -> memoryview:
+    """All of a file's bytes, writable so numpy and torch can share them. A .gz is unzipped as it is read, into
+    memory, never onto disk."""
+    if path.suffix == ".gz":
+        content = io.BytesIO()
+        with gzip.open(path, "rb") as f:
+            shutil.copyfileobj(f, content)
+        return content.getbuffer()
+    with open(path, "rb") as f:
+        data = bytearray(os.fstat(f.fileno()).st_size)  # one read straight into the final buffer: no copies
+        return memoryview(data)[:f.readinto(data)]
+
+
+def read_idx(path: Path, magic: int) -> np.ndarray:
+    """One IDX file, plain or gzipped, as a uint8 array shaped as its header says. The header is checked against
+    the bytes that follow; a wrong file gets one line naming it."""
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            header = f.read(4 + 4 * ndim)
+        data = _read_bytes(path)
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:  # only gzip raises these: a cut-off or damaged .gz
+        raise UserError(f"{path} is a truncated or damaged gzip file ({e}); delete it and download again") from None
     except OSError as e:
         raise UserError(f"cannot read {path}: {e.strerror}") from None
-    if len(header) < 4 + 4 * ndim or int.from_bytes(header[:4], "big") != magic:
+    ndim = magic & 0xFF
+    header_size = 4 + 4 * ndim
+    if len(data) < header_size or int.from_bytes(data[:4], "big") != magic:
         raise UserError(f"{path} is not an MNIST IDX file (wrong magic number); delete it and download again")
-    dims = [int.from_bytes(header[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
-    expected = 4 + 4 * ndim + math.prod(dims)
-    if size != expected:
-        raise UserError(f"{path} is truncated or corrupt ({size} bytes, header says {expected}); delete it and download again")
+    dims = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+    expected = header_size + math.prod(dims)
+    if len(data) != expected:
+        raise UserError(f"{path} is truncated or corrupt ({len(data)} bytes, header says {expected}); "
+                        f"delete it and download again")
     if ndim == 3 and dims[1:] != [28, 28]:
         raise UserError(f"{path} holds {dims[1]}x{dims[2]} images, not 28x28 MNIST digits")
-    if count is not None and dims[0] != count:
-        raise UserError(f"{path} has {dims[0]} labels for {count} images; the MNIST files do not belong together")
-    return dims[0]
+    return np.frombuffer(data, dtype=np.uint8, offset=header_size).reshape(dims)
 
 
-def read_idx(path: Path, header_bytes: int, shape: tuple) -> torch.Tensor:
-    """The bytes after an IDX header as a uint8 tensor (the header was checked by _check_idx)."""
-    return torch.from_numpy(np.fromfile(path, dtype=np.uint8, offset=header_bytes).reshape(shape))
+def find_files(root: Path) -> tuple[dict[str, Path] | None, list[str]]:
+    """The four MNIST files from the first layout that holds them all, or None and a note on each partial layout.
+
+    A layout is a folder (torchvision's <root>/MNIST/raw/, or <root> itself) holding each file plain or as
+    .gz; a plain file wins over its .gz, as torchvision's download leaves both."""
+    partial = []
+    for folder in (root / "MNIST" / "raw", root):
+        found = {}
+        for name in ALL_FILES:
+            found[name] = next((p for p in (folder / name, folder / f"{name}.gz") if p.is_file()), None)
+        missing = [name for name, path in found.items() if path is None]
+        if not missing:
+            return found, []
+        if len(missing) < len(ALL_FILES):
+            partial.append(f"{folder} holds {len(ALL_FILES) - len(missing)} of the 4 files, missing {', '.join(missing)}")
+    return None, partial
 
 
 def load_split(data_dir: str, train: bool, download: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Read one MNIST file pair, downloading the files with torchvision first if allowed. Returns uint8 images
-    and int64 labels. The files are read here rather than by torchvision's parser, which is the same three lines
-    of numpy but costs importing torchvision (about 1 s) on every run."""
+    """Read one MNIST file pair from any layout under data_dir, downloading the files with torchvision first if no
+    layout holds all four and download is allowed. Returns uint8 images and int64 labels. The files are read here
+    rather than by torchvision's parser, which costs importing torchvision (about 1 s) on every run and reads
+    only its own layout."""
     root = Path(data_dir)
     raw = root / "MNIST" / "raw"
     if root.exists() and not root.is_dir():
         raise UserError(f"data dir {root} is a file, not a folder; pass --data-dir with a folder")
-    if not all((raw / name).is_file() for names in RAW_FILES.values() for name in names):
+    files, partial = find_files(root)
+    if files is None:
+        found = f" ({'; '.join(partial)})" if partial else ""
         if not download:
-            raise UserError(f"MNIST is not in {raw}; drop --no-download to fetch it, or put the four IDX files there")
+            raise UserError(f"MNIST is not in {raw} or {root}{found}; drop --no-download to fetch it, "
+                            f"or put the four IDX files (plain or .gz) in one of them")
         import torchvision  # only to download
 
-        print(f"downloading MNIST into {raw}")
+        print(f"downloading MNIST into {raw}{found}")
         try:
             with contextlib.redirect_stdout(io.StringIO()):  # torchvision prints a line per mirror tried
                 torchvision.datasets.MNIST(root, train=train, download=True)
         except (RuntimeError, OSError) as e:
             # torchvision lists every mirror it tried; its last line holds the last mirror's reason.
             reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-            raise UserError(f"could not download MNIST into {raw} ({reason}); check the network, or copy the four IDX files there") from None
-    images_file, labels_file = RAW_FILES["train" if train else "test"]
-    n = _check_idx(raw / images_file, IDX_IMAGES_MAGIC)
-    _check_idx(raw / labels_file, IDX_LABELS_MAGIC, count=n)
-    images, labels = read_idx(raw / images_file, 16, (n, 28, 28)), read_idx(raw / labels_file, 8, (n,)).long()
-    if labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) <= 9:
-        raise UserError(f"{raw / labels_file} has labels outside 0-9; it is not MNIST")
-    return images, labels
+            raise UserError(f"could not download MNIST into {raw} ({reason}); check the network, "
+                            f"or copy the four IDX files (plain or .gz) there or into {root}") from None
+        files, _ = find_files(root)
+    images_name, labels_name = RAW_FILES["train" if train else "test"]
+    images = read_idx(files[images_name], IDX_IMAGES_MAGIC)
+    labels = read_idx(files[labels_name], IDX_LABELS_MAGIC)
+    if len(labels) != len(images):
+        raise UserError(f"{files[labels_name]} has {len(labels)} labels for {len(images)} images; "
+                        f"the MNIST files do not belong together")
+    if labels.size and labels.max() > 9:
+        raise UserError(f"{files[labels_name]} has labels outside 0-9; it is not MNIST")
+    return torch.from_numpy(images), torch.from_numpy(labels).long()
 
 
 def load_splits(data_dir: str, val_size: int, split_seed: int, download: bool = True) -> dict[str, MNISTData]:

@@ -1,6 +1,6 @@
 """Evaluate checkpoints on the MNIST test set, compare them side by side, and draw figures.
 
-    python evaluate.py                                  # the latest run's best.pt
+    python evaluate.py                                  # the latest run's best.pt; figures in its folder's eval/
     python evaluate.py runs/20261130-142301-cnn/best.pt runs/20261130-150944-fcnn/best.pt --out-dir docs
 """
 import argparse
@@ -83,10 +83,11 @@ def parse_args(argv):
     parser = Parser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("checkpoints", nargs="*", type=Path,
                         help="best.pt or last.pt files written by train.py (default: the latest run's best.pt)")
-    parser.add_argument("--data-dir", help="folder holding MNIST/raw/ (default: the first checkpoint's data_dir)")
+    parser.add_argument("--data-dir", help="folder holding MNIST, plain or .gz, in MNIST/raw/ or loose (default: the first checkpoint's data_dir)")
     parser.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
                         help="download MNIST into the data dir if it is missing (default: on)")
-    parser.add_argument("--out-dir", type=Path, default=Path("runs/eval"), help="folder for the figures (default: runs/eval)")
+    parser.add_argument("--out-dir", type=Path,
+                        help="folder for the figures (default: eval/ in the first checkpoint's run folder)")
     parser.add_argument("--batch-size", type=int, default=Config().eval_batch_size, help="evaluation batch size (default: config.py's eval_batch_size)")
     return parser.parse_args(argv)
 
@@ -98,6 +99,8 @@ def main(argv=None) -> int:
             raise UserError(f"--batch-size must be > 0, got {args.batch_size}")
         args.checkpoints = args.checkpoints or [latest_checkpoint(Config().out_dir)]
         loaded = [load_checkpoint(path) for path in args.checkpoints]  # a bad path fails before the data is read
+        # The figures belong to the run they describe, not beside it among the run folders.
+        args.out_dir = args.out_dir or args.checkpoints[0].parent / "eval"
         data_dir = args.data_dir or loaded[0][1].get("config", {}).get("data_dir", "data")
         test = MNISTData(*load_split(data_dir, train=False, download=args.download))
         results = {label: evaluate_checkpoint(path, model, ckpt, test, args.batch_size)

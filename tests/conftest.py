@@ -1,10 +1,12 @@
 """Shared fixtures: tiny synthetic MNIST written in the real IDX format, so the real reading code runs."""
+import gzip
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
@@ -26,9 +28,11 @@ N_TRAIN, N_TEST = 600, 200
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
-    """Write a uint8 array as an IDX file: magic (0, 0, type 0x08, ndim), big-endian dims, then the bytes."""
+    """Write a uint8 array as an IDX file: magic (0, 0, type 0x08, ndim), big-endian dims, then the bytes; gzipped
+    when the name ends in .gz."""
     header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    path.write_bytes(header + array.astype(np.uint8).tobytes())
+    content = header + array.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(content) if path.suffix == ".gz" else content)
 
 
 def synthetic_digits(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -47,14 +51,14 @@ def synthetic_digits(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return images, labels.astype(np.uint8)
 
 
-def write_mnist(root: Path, n_train: int = N_TRAIN, n_test: int = N_TEST) -> Path:
-    """Write the four MNIST files under root/MNIST/raw/ and return root."""
-    raw = root / "MNIST" / "raw"
+def write_mnist(root: Path, n_train: int = N_TRAIN, n_test: int = N_TEST, folder: str = "MNIST/raw",
+                gz: Collection[str] = ()) -> Path:
+    """Write the four MNIST files under root/folder/ (the files named in gz gzipped, with .gz added) and return root."""
+    raw = root / folder
     raw.mkdir(parents=True, exist_ok=True)
     for split, n, seed in (("train", n_train, 1), ("test", n_test, 2)):
-        images, labels = synthetic_digits(n, seed)
-        write_idx(raw / RAW_FILES[split][0], images)
-        write_idx(raw / RAW_FILES[split][1], labels)
+        for name, array in zip(RAW_FILES[split], synthetic_digits(n, seed)):
+            write_idx(raw / (f"{name}.gz" if name in gz else name), array)
     return root
 
 

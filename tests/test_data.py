@@ -63,14 +63,14 @@ def damaged(mnist_dir, tmp_path):
 
 def test_missing_data_with_download_off_says_where_and_how(tmp_path):
     """Missing files with download off: one line naming the expected folder and the two fixes."""
-    with pytest.raises(UserError, match=rf"MNIST is not in {tmp_path}/MNIST/raw; drop --no-download to fetch it"):
+    with pytest.raises(UserError, match=rf"MNIST is not in {tmp_path}/MNIST/raw or {tmp_path}; drop --no-download to fetch it"):
         load_split(tmp_path, train=True, download=False)
 
 
 def test_failed_download_is_one_line(tmp_path, monkeypatch):
     """When every mirror fails (as offline), the error names the folder and the way out."""
     monkeypatch.setattr(torchvision.datasets.MNIST, "mirrors", ["http://127.0.0.1:9/"])
-    with pytest.raises(UserError, match=rf"could not download MNIST into {tmp_path}/MNIST/raw .*copy the four IDX files there"):
+    with pytest.raises(UserError, match=rf"could not download MNIST into {tmp_path}/MNIST/raw .*copy the four IDX files \(plain or .gz\) there"):
         load_split(tmp_path, train=True, download=True)
 
 

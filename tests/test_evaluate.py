@@ -1,3 +1,5 @@
+import shutil
+
 import nbformat
 import pytest
 import torch
@@ -36,6 +38,17 @@ def test_evaluate_writes_every_figure_and_the_comparison(trained_run, fcnn_run, 
     assert all(p.stat().st_size > 10_000 for p in tmp_path.iterdir())
     table = result.stdout[result.stdout.index("run "):]
     assert f"{cnn}" in table and "8,490" in table and f"{784 * 32 + 32 + 330:,}" in table
+
+
+def test_figures_go_into_the_evaluated_runs_own_folder(trained_run, mnist_dir, tmp_path, run_evaluate):
+    """Without --out-dir the figures go to eval/ inside the first checkpoint's run folder, and nowhere else."""
+    run = tmp_path / "runs" / "cnn"
+    run.mkdir(parents=True)
+    shutil.copy(trained_run / "best.pt", run / "best.pt")
+    assert run_evaluate(run / "best.pt", "--data-dir", mnist_dir).returncode == 0
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()) == [
+        "runs/cnn/best.pt", "runs/cnn/eval/confusion_cnn.png", "runs/cnn/eval/curves.png",
+        "runs/cnn/eval/filters_cnn.png", "runs/cnn/eval/mistakes_cnn.png"]
 
 
 def test_evaluate_help(capsys):
@@ -104,7 +117,7 @@ def test_checkpoint_of_a_mismatched_model_is_one_line_error(trained_run, tmp_pat
 def test_data_dir_without_mnist_and_download_off(trained_run, tmp_path, run_evaluate):
     """evaluate.py with no data and --no-download says where it looked and how to fix it."""
     result = run_evaluate(trained_run / "best.pt", "--data-dir", tmp_path, "--no-download")
-    assert f"MNIST is not in {tmp_path}/MNIST/raw; drop --no-download" in one_line_error(result)
+    assert f"MNIST is not in {tmp_path}/MNIST/raw or {tmp_path}; drop --no-download" in one_line_error(result)
 
 
 def test_figures_folder_that_cannot_be_made(trained_run, mnist_dir, tmp_path, run_evaluate):
