@@ -155,8 +155,10 @@ def out_paths(checkpoint: Path, out: Path | None, formats: list[str]) -> dict[st
     return {fmt: out.with_suffix(FORMATS[fmt]) for fmt in formats}
 
 
-def check_writable(path: Path) -> None:
+def check_writable(path: Path, checkpoint: Path) -> None:
     """Fail now, before the export's seconds, if `path` cannot be written (atomic_write would say so only at the end)."""
+    if path.resolve() == checkpoint.resolve():
+        raise UserError(f"--out {path} would overwrite the checkpoint; pass another file name")
     if path.is_dir():
         raise UserError(f"cannot write {path}: it is a folder; pass --out with a file name such as {path / 'best.onnx'}")
     probe = path.with_name(f".{path.name}.tmp")
@@ -188,7 +190,7 @@ def main(argv=None) -> int:
         model, ckpt = load_checkpoint(checkpoint)
         paths = out_paths(checkpoint, args.out, formats)
         for path in paths.values():
-            check_writable(path)
+            check_writable(path, checkpoint)
         norm = ckpt.get("normalization", {"mean": MNIST_MEAN, "std": MNIST_STD})
         wrapped = Exported(model, norm["mean"], norm["std"]).eval()
         meta = metadata(checkpoint, ckpt, norm["mean"], norm["std"])

@@ -19,6 +19,8 @@ from data import load_split
 from model import load_checkpoint, model_logits
 from test_faults import one_line_error
 
+ATOL = 1e-4  # the tolerance docs/export.md states; fixed here, not read from export.py, so loosening it there fails
+
 
 @pytest.fixture
 def run_export(capsys):
@@ -87,7 +89,7 @@ def test_export_prints_the_difference_and_both_accuracies(exported, trained_run)
     for fmt in ("onnx", "pt2"):
         row = re.search(rf"^{fmt} +max \|logit difference\| (\S+) \(tolerance 1e-04\), accuracy (\S+)%$", out, re.M)
         assert row, out
-        assert float(row[1]) <= export.TOLERANCE and row[2] == f"{expected * 100:.2f}"
+        assert float(row[1]) <= ATOL and row[2] == f"{expected * 100:.2f}"
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "pt2"])
@@ -99,7 +101,7 @@ def test_exported_logits_match_the_checkpoint(exported, trained_run, fmt, batch)
     model, _ = load_checkpoint(trained_run / "best.pt")
     logits = LOGITS[fmt](run / f"best.{fmt}", as_pixels(images))
     assert logits.shape == (batch, 10) and logits.dtype == torch.float32
-    torch.testing.assert_close(logits, model_logits(model, images), atol=export.TOLERANCE, rtol=0)
+    torch.testing.assert_close(logits, model_logits(model, images), atol=ATOL, rtol=0)
 
 
 def test_onnx_states_its_contract_and_provenance(exported, trained_run):
@@ -162,9 +164,9 @@ def test_export_round_trip_on_real_mnist(real_run, tmp_path, run_export):
     for fmt in ("onnx", "pt2"):
         for batch in (1, 1000, len(images)):
             logits = LOGITS[fmt](tmp_path / f"real.{fmt}", as_pixels(images[:batch]))
-            torch.testing.assert_close(logits, reference[:batch], atol=export.TOLERANCE, rtol=0)
-        accuracy = (logits.argmax(dim=1) == labels).float().mean().item()
-        assert accuracy == pytest.approx(ckpt["test_acc"], abs=1e-9) and accuracy > 0.97
+            torch.testing.assert_close(logits, reference[:batch], atol=ATOL, rtol=0)
+        correct = (logits.argmax(dim=1) == labels).sum().item()
+        assert correct == round(ckpt["test_acc"] * len(labels)) and correct > 0.97 * len(labels)
 
 
 # --- the README's few lines --------------------------------------------------------------------
@@ -233,6 +235,15 @@ def test_a_file_that_disagrees_is_not_written(trained_run, tmp_path, run_export,
     line = one_line_error(run_export(trained_run / "best.pt", "--format", "pt2", "--out", tmp_path / "m.pt2"))
     assert "differ from the checkpoint's by 5.00e-01, more than 1e-04" in line and "was not written" in line
     assert list(tmp_path.iterdir()) == []
+
+
+def test_output_over_the_checkpoint(trained_run, tmp_path, run_export):
+    """--out naming the checkpoint itself is refused, and the checkpoint stays as it was."""
+    checkpoint = tmp_path / "best.pt"
+    shutil.copy(trained_run / "best.pt", checkpoint)
+    before = checkpoint.read_bytes()
+    line = one_line_error(run_export(checkpoint, "--format", "pt2", "--out", checkpoint))
+    assert "would overwrite the checkpoint" in line and checkpoint.read_bytes() == before
 
 
 def test_bad_format(run_export):
