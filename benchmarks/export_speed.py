@@ -41,11 +41,16 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, help="a best.pt (default: the latest run's)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats of each measurement; medians are printed")
+    parser.add_argument("--threads", type=int, default=0, help="threads for both engines (default: torch's default, all cores)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     model, ckpt = load_checkpoint(args.checkpoint or latest_checkpoint(Config().out_dir))
     wrapped = Exported(model, ckpt["normalization"]["mean"], ckpt["normalization"]["std"]).eval()
-    session = onnxruntime.InferenceSession(export_onnx(wrapped, {}), providers=["CPUExecutionProvider"])
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()  # the same number of threads as torch
+    session = onnxruntime.InferenceSession(export_onnx(wrapped, {}), options, providers=["CPUExecutionProvider"])
 
     def run_torch(pixels):
         with torch.inference_mode():
