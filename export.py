@@ -10,7 +10,6 @@ The normalisation is inside the graph and N is free. Before a file is written, i
 set (or on a fixed batch of printed digits when the data is not there) and its logits are compared with the
 checkpoint's; a file that disagrees is not written.
 """
-import argparse
 import hashlib
 import importlib
 import io
@@ -32,7 +31,7 @@ FORMATS = {"onnx": ".onnx", "pt2": ".pt2"}
 # The largest |logit difference| from the checkpoint that counts as the same model. Float32 sums in another
 # order (onnxruntime's kernels; (x - mean) / std on [0, 1] pixels instead of on 0-255) differ by up to 1e-5 on MNIST.
 TOLERANCE = 1e-4
-OPSET = 18  # the ONNX opset torch's dynamo exporter targets; onnxruntime 1.16 and newer run it
+OPSET = 18  # what torch's dynamo exporter targets by default; every onnxruntime since 1.14 runs it
 NEEDS = {"onnx": ("onnxscript", "onnx", "onnxruntime"), "pt2": ()}  # packages beyond torch, by format
 INPUT = "pixels: float32 (N, 1, 28, 28) in [0, 1], a white digit on black, as torchvision's ToTensor gives"
 OUTPUT = "logits: float32 (N, 10), one per digit 0-9; softmax gives the probabilities"

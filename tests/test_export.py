@@ -7,7 +7,6 @@ import shutil
 import subprocess
 import sys
 
-import numpy as np
 import onnx
 import onnxruntime
 import pytest
@@ -85,9 +84,9 @@ def test_export_prints_the_difference_and_both_accuracies(exported, trained_run)
     images, labels = synthetic_test(trained_run)
     model, _ = load_checkpoint(trained_run / "best.pt")
     expected = (model_logits(model, images).argmax(dim=1) == labels).float().mean().item()
-    assert f"verifying on the MNIST test set in" in out and f"checkpoint accuracy {expected:.2%}" in out
+    assert "verifying on the MNIST test set in" in out and f"checkpoint accuracy {expected:.2%}" in out
     for fmt in ("onnx", "pt2"):
-        row = re.search(rf"^{fmt} +max \|logit difference\| (\S+) \(tolerance 1e-04\), accuracy (\S+)%$", out, re.M)
+        row = re.search(rf"^{fmt} +max \|logit difference\| (\S+) \(tolerance 1e-04\), accuracy (\S+)%$", out, re.MULTILINE)
         assert row, out
         assert float(row[1]) <= ATOL and row[2] == f"{expected * 100:.2f}"
 
@@ -174,7 +173,7 @@ def test_export_round_trip_on_real_mnist(real_run, tmp_path, run_export):
 def test_docs_snippet_runs_without_this_project(exported, trained_run, tmp_path):
     """docs/export.md's plain-Python onnxruntime lines run in a bare folder and name the model's digit."""
     text = (ROOT / "docs" / "export.md").read_text()
-    snippet = re.search(r"```python\n(.*?)```", text[text.index("## From plain Python"):], re.S)[1]
+    snippet = re.search(r"```python\n(.*?)```", text[text.index("## From plain Python"):], re.DOTALL)[1]
     assert "import export" not in snippet and "from model" not in snippet
     run, _ = exported
     (tmp_path / "runs" / "cnn").mkdir(parents=True)
@@ -182,7 +181,7 @@ def test_docs_snippet_runs_without_this_project(exported, trained_run, tmp_path)
     images, _ = synthetic_test(trained_run)
     from PIL import Image
     Image.fromarray(images[0].numpy()).save(tmp_path / "digit.png")
-    result = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    result = subprocess.run([sys.executable, "-c", snippet], check=False, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     model, ckpt = load_checkpoint(trained_run / "best.pt")
     digit = model_logits(model, images[:1]).argmax().item()
