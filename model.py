@@ -147,9 +147,9 @@ def model_logits(model: nn.Module, pixels: torch.Tensor, batch_size: int = 500) 
     """float32 logits (N, 10), on the model's device, of uint8 digits (N, 28, 28) normalised as in training."""
     model.eval()
     device = next(model.parameters()).device
-    return torch.cat([
+    return torch.cat([  # range(0, N, batch) is empty for N = 0, so one batch always runs: (0, 10) for no images
         model(normalize(pixels[i:i + batch_size].to(device)).contiguous(memory_format=MEMORY_FORMAT)).float()
-        for i in range(0, len(pixels), batch_size)
+        for i in range(0, max(len(pixels), 1), batch_size)
     ])
 
 

@@ -30,6 +30,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
+import tblog  # noqa: E402
 import train  # noqa: E402
 from config import Config, parse_args  # noqa: E402
 from data import MNIST_MEAN, MNIST_STD, epoch_order, load_splits  # noqa: E402
@@ -123,13 +124,14 @@ def time_to_accuracy(splits, cfg: Config, target: float) -> tuple[float | None, 
     model = build_model(cfg.model)
     optimizer, scheduler = train.make_optimizer(model, cfg, math.ceil(len(splits["train"]) / cfg.batch_size))
     scaler = torch.amp.GradScaler("cpu", enabled=False)
+    state = train.State(cfg, Path(), torch.device("cpu"), splits, model, model, optimizer, scheduler, scaler,
+                        tblog.NoLog(), {"epoch_progress": train.new_progress()})
     elapsed, accuracy = 0.0, 0.0
     for epoch in range(cfg.epochs):
         start = time.perf_counter()
-        train.train_epoch(model, optimizer, scheduler, scaler, splits["train"], cfg, epoch,
-                          train.new_progress(), lambda: False, train.NoWriter())
+        train.train_epoch(state, epoch, lambda: False)
         elapsed += time.perf_counter() - start  # the test evaluation is not training time
-        _, accuracy = train.evaluate(model, splits["test"], cfg.eval_batch_size)
+        _, accuracy = train.validate(model, splits["test"], cfg.eval_batch_size)
         if accuracy >= target:
             return elapsed, epoch + 1, accuracy
     return None, cfg.epochs, accuracy
