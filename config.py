@@ -50,7 +50,7 @@ class Config:
     warmup: float = opt(0.2, "fraction of all steps spent warming up (linear only)", low=0.0, high=1.0)
 
     # --- run ---
-    seed: int = opt(0, "seed for weight initialisation and batch order; same seed, same weights on CPU", low=0)
+    seed: int = opt(0, "seed for weight initialisation and batch order; same seed, same weights on CPU with the same threads", low=0)
     device: str = opt("auto", "'auto': torch's accelerator (cuda, mps, xpu, ...) when there is one, else cpu; or a device type")
     amp: bool = opt(False, "bfloat16/float16 mixed precision (on an accelerator, not the CPU)")
     compile: bool = opt(False, "torch.compile the model (first epoch pays the compile time)")
