@@ -105,7 +105,8 @@ def resume_point(cfg: Config, argv) -> tuple[Config, dict | None]:
     _, saved = load_checkpoint(run_dir / "last.pt")  # checks the weights fit before any process uses them
     cfg = replace(resume_config(saved["config"], argv), out_dir=str(run_dir.parent), run_name=run_dir.name)
     best = run_dir / "best.pt"
-    if saved["epoch"] >= cfg.epochs and best.is_file() and "test_acc" in read_checkpoint(best):
+    finished = saved["epoch"] >= cfg.epochs and best.is_file() and "test_acc" in read_checkpoint(best)
+    if finished and not distributed.restarts():  # a restarted group finishes its job again, to end with exit code 0
         raise UserError(f"run {run_dir} is finished: it trained all {saved['epoch']} epochs and was tested; to train "
                         f"on, add --epochs N with N > {saved['epoch']} (the schedule stretches to the new end)")
     return cfg, saved
