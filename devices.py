@@ -6,6 +6,7 @@
 Under torchrun each process of a machine takes the accelerator of its LOCAL_RANK. config.py checks
 that the type is one torch knows; this module checks that it is there.
 """
+
 import torch
 
 import distributed
@@ -29,15 +30,19 @@ def pick_device(name: str) -> torch.device:
         return torch.device("cpu")
     if name != present:
         sees = f"its accelerator is {present}" if present else "it sees no accelerator"
-        raise UserError(f"device {name} was asked for, but this torch has no {name} device ({sees}); "
-                        f"use --device auto or --device cpu")
+        raise UserError(
+            f"device {name} was asked for, but this torch has no {name} device ({sees}); "
+            f"use --device auto or --device cpu"
+        )
     if name == "mps" and several:
         raise UserError("torchrun cannot train on Apple MPS (DDP has no backend for it); pass --device cpu")
     if several:
         per_machine, count = distributed.local_world_size(), torch.accelerator.device_count()
         if per_machine > count:
-            raise UserError(f"torchrun started {per_machine} processes on this machine, but it has only {count} {name} "
-                            f"device{'s' if count != 1 else ''}; pass --nproc-per-node {count}, or --device cpu")
+            raise UserError(
+                f"torchrun started {per_machine} processes on this machine, but it has only {count} {name} "
+                f"device{'s' if count != 1 else ''}; pass --nproc-per-node {count}, or --device cpu"
+            )
         torch.accelerator.set_device_index(distributed.local_rank())  # before the first collective on the device
     return torch.device(name, distributed.local_rank()) if several else torch.device(name)
 

@@ -4,6 +4,7 @@ train.py makes one writer per run with `open_writer` and calls its four methods:
 `test` and `close`. With --no-tensorboard, and on every torchrun rank but 0, the writer is a
 `NoLog` with the same four methods doing nothing, so the loop has no `if` for logging.
 """
+
 from dataclasses import asdict
 from pathlib import Path
 
@@ -22,7 +23,9 @@ def open_writer(cfg: Config, run_dir: Path, last_step: int | None, main: bool):
     try:
         from torch.utils.tensorboard import SummaryWriter  # imported only when it is used
     except ImportError:
-        raise UserError("tensorboard is not installed; pip install -r requirements.txt, or pass --no-tensorboard") from None
+        raise UserError(
+            "tensorboard is not installed; pip install -r requirements.txt, or pass --no-tensorboard"
+        ) from None
     return TensorBoard(SummaryWriter(run_dir, purge_step=None if last_step is None else last_step + 1), cfg)
 
 
@@ -53,15 +56,30 @@ class TensorBoard:
         self.writer.add_scalar("test/loss", test_loss, step)
         self.writer.add_scalar("test/accuracy", test_acc, step)
         hparams = {k: v for k, v in asdict(self.cfg).items() if k not in ("data_dir", "out_dir", "run_name", "resume")}
-        self.writer.add_hparams(hparams, {"hparam/test_accuracy": test_acc, "hparam/test_loss": test_loss,
-                                          "hparam/best_val_accuracy": record["best_val_acc"]},
-                                run_name=".", global_step=step)
+        self.writer.add_hparams(
+            hparams,
+            {
+                "hparam/test_accuracy": test_acc,
+                "hparam/test_loss": test_loss,
+                "hparam/best_val_accuracy": record["best_val_acc"],
+            },
+            run_name=".",
+            global_step=step,
+        )
         confidence, predicted = logits.softmax(dim=1).max(dim=1)
         title = f"{self.cfg.model}, test accuracy {test_acc:.2%}"
-        self.writer.add_figure("test/confusion_matrix", plots.confusion_figure(
-            confusion_matrix(labels, predicted.cpu()).numpy(), title), step)
-        self.writer.add_figure("test/confident_mistakes", plots.mistakes_figure(
-            images.cpu().numpy(), labels.tolist(), predicted.tolist(), confidence.tolist(), title), step)
+        self.writer.add_figure(
+            "test/confusion_matrix",
+            plots.confusion_figure(confusion_matrix(labels, predicted.cpu()).numpy(), title),
+            step,
+        )
+        self.writer.add_figure(
+            "test/confident_mistakes",
+            plots.mistakes_figure(
+                images.cpu().numpy(), labels.tolist(), predicted.tolist(), confidence.tolist(), title
+            ),
+            step,
+        )
 
     def close(self) -> None:
         self.writer.close()

@@ -299,7 +299,7 @@ def main() -> None:
     rows += [
         ("train images/s, ours (batch %d, channels-last)" % cfg.batch_size, f"{ours_ips:,.0f}"),
         ("train images/s, reference post (PIL list, DataLoader, batch 64)", f"{ref_ips:,.0f}"),
-        ("speed-up, ours / reference (data, memory format and batch together; --factors splits it)", f"{ratio:.2f}x"),
+        ("speed-up, ours / reference (data, memory format and batch together)", f"{ratio:.2f}x"),
         ("speed-up, channels-last / contiguous (NCHW) tensors, same run", f"{channels_last_gain:.2f}x"),
         ("FLOPs per training image (from layer shapes)", f"{flops / 1e6:.2f} M"),
         (f"share of FP32 peak ({peak / 1e9:.0f} GFLOP/s = {peak_how})", f"{ours_ips * flops / peak:.1%}"),

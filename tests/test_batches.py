@@ -1,4 +1,5 @@
 """How each torchrun rank takes its share of every batch, down to shares that are empty (issue 19, bug 1)."""
+
 import math
 import os
 import subprocess
@@ -9,7 +10,6 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import distributed
-import tblog
 import train
 from config import parse_args
 from conftest import ROOT, fast_args
@@ -31,7 +31,7 @@ def test_the_ranks_shares_make_up_each_batch_once(n, batch_size, world):
         per_rank = [list(split.batches(batch_size, order, start=start, rank=r, world=world)) for r in range(world)]
         assert all(len(batches) == math.ceil(n / batch_size) - start for batches in per_rank)  # every rank, every step
         for step, shares in enumerate(zip(*per_rank), start):
-            batch = order[step * batch_size:(step + 1) * batch_size]
+            batch = order[step * batch_size : (step + 1) * batch_size]
             assert torch.equal(torch.cat([labels for _, labels in shares]), split.labels[batch])
             assert torch.equal(torch.cat([images for images, _ in shares]), normalize(split.images[batch]))
             sizes = [len(labels) for _, labels in shares]
@@ -60,8 +60,19 @@ def test_a_rank_whose_share_of_the_last_batch_is_empty_finishes_its_epoch(mnist_
     torch.manual_seed(0)
     model = CNN()
     optimizer, scheduler = train.make_optimizer(model, cfg, steps_per_epoch=11)
-    state = train.State(cfg, None, torch.device("cpu"), splits, model, model, optimizer, scheduler,
-                        torch.amp.GradScaler("cpu", enabled=False), Recorder(), {"epoch_progress": train.new_progress()})
+    state = train.State(
+        cfg,
+        None,
+        torch.device("cpu"),
+        splits,
+        model,
+        model,
+        optimizer,
+        scheduler,
+        torch.amp.GradScaler("cpu", enabled=False),
+        Recorder(),
+        {"epoch_progress": train.new_progress()},
+    )
     progress = train.train_epoch(state, 0, lambda: False)
     assert progress["step"] == 11 and progress["seen"] == 250  # 25 of each of the ten full batches, none of the last
     assert [step for step, _ in state.writer.steps] == list(range(1, 12))
@@ -86,10 +97,19 @@ def test_torchrun_with_an_empty_share_logs_the_one_process_loss(mnist_dir, tmp_p
     """Issue 19's reproduction on the synthetic data: 2 processes with a last batch of 1 image finish, and the step
     loss they log is the whole batch's, as one process logs it."""
     args = fast_args(mnist_dir, tmp_path / "two", "--val-size", 99, "--log-every", 1)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               str(ROOT / "train.py"), *map(str, args)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=170, cwd=ROOT,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        str(ROOT / "train.py"),
+        *map(str, args),
+    ]
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=170, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "lost the other processes" not in result.stderr
     assert train.main(fast_args(mnist_dir, tmp_path / "one", "--val-size", 99, "--log-every", 1)) == 0

@@ -2,6 +2,7 @@
 
 Only the CPU is real here: each accelerator is faked by monkeypatching torch.accelerator, so these tests check
 the choice, not that a GPU trains."""
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -23,13 +24,18 @@ def machine(monkeypatch):
         monkeypatch.setattr(torch.accelerator, "device_count", lambda: count if kind else 0)
         monkeypatch.setattr(torch.accelerator, "set_device_index", chosen.append)
         return chosen
+
     return fake
 
 
 def under_torchrun(monkeypatch, processes: int, local_rank: int) -> None:
     """Set the environment torchrun gives one of `processes` workers on this machine."""
-    for name, value in (("WORLD_SIZE", processes), ("LOCAL_WORLD_SIZE", processes), ("RANK", local_rank),
-                        ("LOCAL_RANK", local_rank)):
+    for name, value in (
+        ("WORLD_SIZE", processes),
+        ("LOCAL_WORLD_SIZE", processes),
+        ("RANK", local_rank),
+        ("LOCAL_RANK", local_rank),
+    ):
         monkeypatch.setenv(name, str(value))
 
 
@@ -41,7 +47,9 @@ def test_auto_takes_the_accelerator_when_there_is_one(machine, kind, expected):
     assert pick_device("cpu") == torch.device("cpu")
 
 
-@pytest.mark.parametrize("kind, asked", [(None, "cuda"), (None, "mps"), ("cuda", "xpu"), ("mps", "cuda"), (None, "meta")])
+@pytest.mark.parametrize(
+    "kind, asked", [(None, "cuda"), (None, "mps"), ("cuda", "xpu"), ("mps", "cuda"), (None, "meta")]
+)
 def test_an_absent_device_is_one_line(machine, kind, asked):
     """Asking for a device type this machine does not have is refused in one line that names both and the way out."""
     machine(kind)
@@ -65,8 +73,11 @@ def test_more_processes_than_accelerators_is_one_line_naming_the_counts(machine,
     """torchrun with 4 processes on a machine with 2 GPUs is refused in one line, before any device is set."""
     chosen = machine("cuda", count=2)
     under_torchrun(monkeypatch, processes=4, local_rank=0)
-    with pytest.raises(UserError, match=r"^torchrun started 4 processes on this machine, but it has only 2 cuda "
-                                         r"devices; pass --nproc-per-node 2, or --device cpu$"):
+    with pytest.raises(
+        UserError,
+        match=r"^torchrun started 4 processes on this machine, but it has only 2 cuda "
+        r"devices; pass --nproc-per-node 2, or --device cpu$",
+    ):
         pick_device("auto")
     assert chosen == []
     assert pick_device("cpu") == torch.device("cpu")  # the CPU takes any number
@@ -81,8 +92,10 @@ def test_mps_under_torchrun(machine, monkeypatch):
         pick_device("mps")
 
 
-@pytest.mark.parametrize("kind, backend", [(None, "cpu:gloo"), ("cuda", "cpu:gloo,cuda:nccl"),
-                                           ("xpu", "cpu:gloo,xpu:xccl"), ("mps", "cpu:gloo")])
+@pytest.mark.parametrize(
+    "kind, backend",
+    [(None, "cpu:gloo"), ("cuda", "cpu:gloo,cuda:nccl"), ("xpu", "cpu:gloo,xpu:xccl"), ("mps", "cpu:gloo")],
+)
 def test_the_group_backend_is_torchs_default_for_the_accelerator_beside_gloo(machine, kind, backend):
     """The process group serves CPU tensors with gloo and the accelerator's with torch's default backend for it."""
     machine(kind)
@@ -114,11 +127,17 @@ def test_any_device_type_torch_knows_is_a_valid_setting(name):
     assert parse_args(["--device", name]).device == name
 
 
-@pytest.mark.parametrize("name, message", [
-    ("tpu", "device (--device) must be auto or a device type torch knows, such as cpu, cuda, mps or xpu; got 'tpu'"),
-    ("cuda:1", "device (--device) takes a device type without an index, such as 'cuda'"),
-    ("", "must be auto or a device type torch knows"),
-])
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        (
+            "tpu",
+            "device (--device) must be auto or a device type torch knows, such as cpu, cuda, mps or xpu; got 'tpu'",
+        ),
+        ("cuda:1", "device (--device) takes a device type without an index, such as 'cuda'"),
+        ("", "must be auto or a device type torch knows"),
+    ],
+)
 def test_an_unknown_device_type_is_one_line(name, message):
     """A device that is not a type torch knows, or that names an index, is refused in one line when the flags are read."""
     with pytest.raises(UserError) as error:

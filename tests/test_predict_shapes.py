@@ -1,4 +1,5 @@
 """The array shapes predict() takes, one image or a batch, grey or colour, and the ones it refuses (issue 19, bug 7)."""
+
 import numpy as np
 import pytest
 import torch
@@ -53,13 +54,16 @@ def test_grey_batches_give_one_answer_per_picture(model, pictures):
     assert torch.allclose(predict(model, torch.from_numpy(pictures)[:, None])[1][:2], expected)
 
 
-@pytest.mark.parametrize("shape, message", [
-    ((3, 64, 64), "cannot tell whether shape (3, 64, 64) is 3 grey images or one colour image"),
-    ((4, 64, 64), "cannot tell whether shape (4, 64, 64) is 4 grey images"),
-    ((2, 2, 64, 64), "predict() takes one image (H, W) or (H, W, C)"),
-    ((64,), "not shape (64,)"),
-    ((1, 2, 64, 64, 3), "not shape (1, 2, 64, 64, 3)"),
-])
+@pytest.mark.parametrize(
+    "shape, message",
+    [
+        ((3, 64, 64), "cannot tell whether shape (3, 64, 64) is 3 grey images or one colour image"),
+        ((4, 64, 64), "cannot tell whether shape (4, 64, 64) is 4 grey images"),
+        ((2, 2, 64, 64), "predict() takes one image (H, W) or (H, W, C)"),
+        ((64,), "not shape (64,)"),
+        ((1, 2, 64, 64, 3), "not shape (1, 2, 64, 64, 3)"),
+    ],
+)
 def test_other_shapes_are_refused_in_one_line(model, shape, message):
     """A shape that is not one image or a batch, or that could be either, raises ValueError in one line, naming it."""
     with pytest.raises(ValueError) as error:

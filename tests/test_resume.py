@@ -1,10 +1,10 @@
 """--resume and torchrun's restarts at their edges: finished runs, folders in use, saved scaler state, changed
 precision, old schedule names, a worker lost between two saves (issue 19, bugs 4, 5, 6, 8, 9 and 11)."""
+
 import os
 import re
 from pathlib import Path
 
-import pytest
 import torch
 
 import rundir
@@ -41,8 +41,10 @@ def test_resuming_a_finished_run_says_so_and_touches_nothing(trained_run, tmp_pa
     before = files(run_dir)
     result = run_main(*run_flags(run_dir), "--resume")
     message = one_error_line(result)
-    assert message == (f"error: run {run_dir} is finished: it trained all 2 epochs and was tested; to train on, "
-                       f"add --epochs N with N > 2 (the schedule stretches to the new end)")
+    assert message == (
+        f"error: run {run_dir} is finished: it trained all 2 epochs and was tested; to train on, "
+        f"add --epochs N with N > 2 (the schedule stretches to the new end)"
+    )
     assert "epoch" not in result.stdout
     assert files(run_dir) == before
     assert run_main(*run_flags(run_dir), "--resume", "--epochs", 3).returncode == 0  # the advice works
@@ -67,9 +69,11 @@ def test_resuming_a_folder_still_being_written_names_its_writer(tmp_path, run_ma
     run_dir.mkdir()
     with rundir.locked(run_dir):  # as a run does from its start; a lock taken in this process is held all the same
         message = one_error_line(run_main(*run_flags(run_dir), "--resume"))
-    assert message == (f"error: run {run_dir} is being written by train.py with PID {os.getpid()} on "
-                       f"{message.split(' on ')[1].split(' and has')[0]} and has no last.pt yet; wait for it to end, "
-                       f"or start a new run")
+    assert message == (
+        f"error: run {run_dir} is being written by train.py with PID {os.getpid()} on "
+        f"{message.split(' on ')[1].split(' and has')[0]} and has no last.pt yet; wait for it to end, "
+        f"or start a new run"
+    )
     assert "nothing to resume" in one_error_line(run_main(*run_flags(run_dir), "--resume"))
 
 
@@ -82,11 +86,21 @@ def test_a_checkpoint_without_loss_scaling_resumes_where_the_scaler_is_on(traine
     model = build_model("cnn")
     optimizer, scheduler = train.make_optimizer(model, cfg, steps_per_epoch=10)
     scaler = torch.amp.GradScaler("cpu", enabled=True)
-    state = train.State(cfg, None, torch.device("cpu"), {}, model, model, optimizer, scheduler, scaler, None,
-                        {"epoch": 0, "epoch_progress": train.new_progress(), "history": [], "best_epoch": 0,
-                         "best_val_acc": -1.0})
+    state = train.State(
+        cfg,
+        None,
+        torch.device("cpu"),
+        {},
+        model,
+        model,
+        optimizer,
+        scheduler,
+        scaler,
+        None,
+        {"epoch": 0, "epoch_progress": train.new_progress(), "history": [], "best_epoch": 0, "best_val_acc": -1.0},
+    )
     train.restore(state, saved)
-    assert scaler.is_enabled() and scaler.get_scale() == 2.0 ** 16
+    assert scaler.is_enabled() and scaler.get_scale() == 2.0**16
     assert state.record["epoch"] == 2 and scheduler.last_epoch == saved["scheduler"]["last_epoch"]
 
 
@@ -115,8 +129,9 @@ def test_a_checkpoint_from_before_the_schedule_was_renamed_resumes(trained_run, 
     assert resumed["config"]["schedule"] == "linear" and resumed["history"][-1]["lr"] == 0.0
 
 
-def test_a_torchrun_restart_adopts_its_own_folder_that_has_no_last_pt(trained_run, mnist_dir, tmp_path, run_main,
-                                                                      monkeypatch):
+def test_a_torchrun_restart_adopts_its_own_folder_that_has_no_last_pt(
+    trained_run, mnist_dir, tmp_path, run_main, monkeypatch
+):
     """A worker lost between an epoch's best.pt and its first last.pt leaves a folder with best.pt alone; the restarted
     group starts again in that folder, its job's own, instead of refusing it as another run's."""
     run_dir = copy_run(trained_run, tmp_path / "runs" / "run", names=("best.pt",))
@@ -136,6 +151,6 @@ def test_checkpoints_hold_no_rng_state_and_the_readme_lists_every_key(trained_ru
     keys = set(torch.load(trained_run / "best.pt", weights_only=True))
     assert "rng" not in keys
     text = "\n".join(p.read_text() for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))])
-    table = text[text.index("| key | value |"):].split("\n\n")[0]
+    table = text[text.index("| key | value |") :].split("\n\n")[0]
     listed = {name for row in table.splitlines()[2:] for name in re.findall(r"`(\w+)`", row.split("|")[1])}
     assert listed == keys

@@ -1,4 +1,5 @@
 """The TensorBoard side channel's two writers: the real one and NoLog, which does nothing with the same methods."""
+
 import inspect
 
 import pytest
