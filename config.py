@@ -10,6 +10,8 @@ import difflib
 import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
+import torch
+
 
 class UserError(Exception):
     """A mistake the user can fix. Entry points print it as one line, without a traceback."""
@@ -44,13 +46,13 @@ class Config:
     momentum: float = opt(0.9, "SGD momentum (0 for plain SGD)", low=0.0, high=0.999)
     nesterov: bool = opt(True, "use Nesterov momentum (needs momentum > 0)")
     weight_decay: float = opt(1.5e-3, "L2 penalty applied by SGD; 5e-4 and 1e-3 did worse at 2 epochs, 2e-3 and 3e-3 no better", low=0.0)
-    schedule: str = opt("onecycle", "'onecycle': linear warm-up to lr, then linear decay to 0; 'constant': lr throughout", choices=("onecycle", "constant"))
-    warmup: float = opt(0.2, "fraction of all steps spent warming up (onecycle only)", low=0.0, high=1.0)
+    schedule: str = opt("linear", "'linear': linear warm-up to lr, then linear decay to 0; 'constant': lr throughout", choices=("linear", "constant"))
+    warmup: float = opt(0.2, "fraction of all steps spent warming up (linear only)", low=0.0, high=1.0)
 
     # --- run ---
-    seed: int = opt(0, "seed for weight initialisation and batch order; same seed, same weights on CPU", low=0)
-    device: str = opt("auto", "'auto' picks cuda, then mps, then cpu", choices=("auto", "cpu", "cuda", "mps"))
-    amp: bool = opt(False, "bfloat16/float16 mixed precision (CUDA only)")
+    seed: int = opt(0, "seed for weight initialisation and batch order; same seed, same weights on CPU with the same threads", low=0)
+    device: str = opt("auto", "'auto': torch's accelerator (cuda, mps, xpu, ...) when there is one, else cpu; or a device type")
+    amp: bool = opt(False, "bfloat16/float16 mixed precision (on an accelerator, not the CPU)")
     compile: bool = opt(False, "torch.compile the model (first epoch pays the compile time)")
     tensorboard: bool = opt(True, "log curves, hyperparameters and test figures for `tensorboard --logdir runs`")
     log_every: int = opt(50, "optimiser steps between two points of TensorBoard's step/loss and step/lr curves", positive=True)
@@ -80,9 +82,23 @@ def check(cfg: Config) -> Config:
             raise UserError(f"{where} must be >= {meta['low']}, got {value!r}")
         if meta["high"] is not None and value > meta["high"]:
             raise UserError(f"{where} must be <= {meta['high']}, got {value!r}")
+    if cfg.device != "auto":
+        check_device_type(cfg.device)
     if cfg.nesterov and cfg.momentum == 0:
         raise UserError("nesterov needs momentum > 0: pass --momentum 0.9 or --no-nesterov")
     return cfg
+
+
+def check_device_type(name: str) -> None:
+    """Refuse a device that is not a type torch knows, such as 'cuda' or 'cpu' (whether it is there is checked later)."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f"device (--device) must be auto or a device type torch knows, such as cpu, cuda, mps or xpu; "
+                        f"got {name!r}") from None
+    if device.index is not None or name != device.type:
+        raise UserError(f"device (--device) takes a device type without an index, such as {device.type!r}; under "
+                        f"torchrun each process takes the index of its LOCAL_RANK (or set CUDA_VISIBLE_DEVICES)")
 
 
 KIND_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}

@@ -31,6 +31,11 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", 1))
 
 
+def local_world_size() -> int:
+    """How many processes torchrun started on this machine."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", world_size()))
+
+
 # Steps between two stop-flag agreements: 1 for one process, which needs no collective to agree with itself.
 STOP_CHECK_EVERY = 1 if world_size() == 1 else 10
 
@@ -59,21 +64,33 @@ def print0(*args, **kwargs) -> None:
         print(*args, **kwargs)
 
 
+def group_backend() -> str:
+    """The process group's backend for each device type: gloo for the CPU, and torch's default for this machine's
+    accelerator when it has one (nccl for CUDA, xccl for XPU, ...), as in "cpu:gloo,cuda:nccl".
+
+    One group serves both, so it is right for whichever device the run trains on, which --resume may take
+    from the saved run after the group exists. An accelerator's backend connects at its first collective."""
+    backends = {"cpu": "gloo"}
+    found = torch.accelerator.current_accelerator(check_available=True)
+    default = dist.Backend.default_device_backend_map.get(found.type) if found is not None else None
+    if default not in (None, "gloo"):  # gloo cannot move an accelerator's tensors (MPS maps to it)
+        backends[found.type] = default
+    return ",".join(f"{device}:{backend}" for device, backend in backends.items())
+
+
 @contextlib.contextmanager
-def process_group(use_cuda: bool, timeout_seconds: int):
-    """Join torchrun's process group for the block (NCCL for GPUs, gloo for CPUs); nothing without torchrun."""
+def process_group(timeout_seconds: int):
+    """Join torchrun's process group for the block (group_backend()); nothing without torchrun."""
     if world_size() == 1:
         yield
         return
-    if use_cuda:
-        torch.cuda.set_device(local_rank())  # before NCCL starts, so each process talks from its own GPU
     timeout = datetime.timedelta(seconds=timeout_seconds)
     # torchrun's workers share the agent's key-value store, which outlives a restart of the group; without a
     # prefix per restart, a restarted rank can read the address of a dead one and fail to connect (seen with
     # torch 2.14 and gloo; pytorch/pytorch#135712 describes the same for NCCL).
     store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
     store = dist.PrefixStore(f"mnist-train/restart-{restarts()}", store)
-    dist.init_process_group("nccl" if use_cuda else "gloo", store=store, rank=rank(), world_size=world_size(),
+    dist.init_process_group(group_backend(), store=store, rank=rank(), world_size=world_size(),
                             timeout=timeout)
     try:
         yield
@@ -89,7 +106,7 @@ def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """The model as DistributedDataParallel, which averages the gradients of all ranks in backward."""
     if world_size() == 1:
         return model
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return DistributedDataParallel(model, device_ids=None if device.type == "cpu" else [device.index])
 
 
 def sum_all(*values: torch.Tensor) -> list[torch.Tensor]:

@@ -147,9 +147,9 @@ def model_logits(model: nn.Module, pixels: torch.Tensor, batch_size: int = 500) 
     """float32 logits (N, 10), on the model's device, of uint8 digits (N, 28, 28) normalised as in training."""
     model.eval()
     device = next(model.parameters()).device
-    return torch.cat([
+    return torch.cat([  # range(0, N, batch) is empty for N = 0, so one batch always runs: (0, 10) for no images
         model(normalize(pixels[i:i + batch_size].to(device)).contiguous(memory_format=MEMORY_FORMAT)).float()
-        for i in range(0, len(pixels), batch_size)
+        for i in range(0, max(len(pixels), 1), batch_size)
     ])
 
 
@@ -157,9 +157,13 @@ def predict(model: nn.Module, images, batch_size: int = 500, prepare: bool = Tru
     """Classify digits. Returns (classes (N,), probabilities (N, 10)) on the CPU.
 
     With prepare (the default), each image goes through digits.prepare_digit first, as MNIST's digits
-    were made: a file path, a PIL image, an array or a tensor of any size, grey or colour, dark ink on
-    paper or light on dark, one or a list or batch. With prepare=False they must already be 28x28 MNIST
-    digits, light on dark (uint8, or floats in [0, 1]), and are used as they are.
+    were made: of any size, grey or colour, dark ink on paper or light on dark. `images` is one image
+    (a file path, a PIL image, or an array or tensor of shape (H, W) or (H, W, C)), a list of them, or a
+    batch of shape (N, H, W), (N, 1, H, W), (N, H, W, C) or (N, C, H, W), where C is 3 or 4 (RGB, RGBA).
+    Any other shape is refused with a ValueError, among them (3, H, W) and (4, H, W): that could be 3 grey
+    images or one colour image with its channels first, so pass (3, 1, H, W) for the one, (H, W, 3) for the other.
+    With prepare=False they must already be 28x28 MNIST digits, light on dark (uint8, or floats in [0, 1]),
+    of shape (28, 28), (N, 28, 28) or (N, 1, 28, 28), and are used as they are.
     """
     if prepare:
         images = [prepare_digit(image) for image in _one_by_one(images)]
@@ -167,14 +171,30 @@ def predict(model: nn.Module, images, batch_size: int = 500, prepare: bool = Tru
     return probs.argmax(dim=1), probs
 
 
+COLOUR = (3, 4)  # RGB or RGBA channels
+
+
 def _one_by_one(images) -> list:
-    """The single images in `images`: one image, a list of them, or a batch (N, H, W) or (N, 1, H, W)."""
+    """The single images in `images`, each (H, W) or (H, W, C): see predict() for the shapes it takes."""
     if isinstance(images, (list, tuple)):
         return list(images)
     if isinstance(images, torch.Tensor):
         images = images.detach().cpu().numpy()
-    if isinstance(images, np.ndarray):
-        colour = images.ndim == 3 and images.shape[-1] in (3, 4)  # one (H, W, RGB[A]) picture, not a batch
-        if images.ndim == 4 or (images.ndim == 3 and not colour):
-            return list(images.reshape(-1, *images.shape[-2:]))
-    return [images]
+    if not isinstance(images, np.ndarray):
+        return [images]  # a path, a PIL image or bytes: one image
+    shape = images.shape
+    if images.ndim == 2 or (images.ndim == 3 and shape[-1] in COLOUR):
+        return [images]
+    if images.ndim == 3 and shape[0] in COLOUR:
+        raise ValueError(f"predict() cannot tell whether shape {shape} is {shape[0]} grey images or one colour image "
+                         f"with its channels first; pass ({shape[0]}, 1, H, W) for the one, (H, W, {shape[0]}) for the other")
+    if images.ndim == 3:
+        return list(images)  # (N, H, W)
+    if images.ndim == 4 and shape[1] == 1:
+        return list(images[:, 0])  # (N, 1, H, W)
+    if images.ndim == 4 and shape[-1] in COLOUR:
+        return list(images)  # (N, H, W, C)
+    if images.ndim == 4 and shape[1] in COLOUR:
+        return list(images.transpose(0, 2, 3, 1))  # (N, C, H, W), as torchvision batches colour images
+    raise ValueError(f"predict() takes one image (H, W) or (H, W, C), a list of images, or a batch (N, H, W), "
+                     f"(N, 1, H, W), (N, H, W, C) or (N, C, H, W) with C = 3 or 4; not shape {shape}")

@@ -105,6 +105,10 @@ def find_run(out_dir, run_name: str) -> Path:
         return latest_run(out_dir, "last.pt")
     path = _root(out_dir) / run_name
     if not (path / "last.pt").is_file():
+        owner = writer_of(path)
+        if owner:  # a run still before its first save: that is the true story, not "nothing to resume"
+            raise UserError(f"run {path} is being written by {owner} and has no last.pt yet; wait for it to end, "
+                            f"or start a new run")
         raise UserError(f"nothing to resume: no {path / 'last.pt'}; check --run-name and --out-dir "
                         f"(ls {out_dir}/ lists the runs), or run without --resume to start a new one")
     return path
@@ -155,6 +159,21 @@ def locked(run_dir: Path):
         yield run_dir
     finally:
         lock.release()
+
+
+def writer_of(run_dir: Path) -> str | None:
+    """Who holds the run folder's lock (its .owner line), or None when no process does. Creates no file."""
+    if not (run_dir / LOCK).is_file():
+        return None
+    lock = filelock.FileLock(run_dir / LOCK, blocking=False)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        return _read(run_dir / OWNER) or "another process"
+    except OSError:
+        return None
+    lock.release()
+    return None
 
 
 def _read(path: Path) -> str:

@@ -5,9 +5,10 @@
     python train.py --resume                            # continue the latest run
     torchrun --standalone --nproc-per-node 2 train.py   # the same training on 2 processes, with DDP
 
-Reads top to bottom in the order it runs: config, run folder, device, seed, data, model and SGD,
-the epoch loop (validation and checkpoints every epoch), then one test evaluation of the best
-model. Under torchrun every process runs this same code on its share of each batch, and rank 0
+Reads top to bottom in the order it runs: main() takes the config (and the saved run's, with --resume);
+run() picks the device and the run folder; setup() seeds and builds the data, the model and SGD;
+train_epochs() runs the epoch loop (validation and checkpoints every epoch); finish() tests the best
+model once. Under torchrun every process runs this same code on its share of each batch, and rank 0
 alone prints and writes (distributed.py); one process is the case world_size == 1.
 """
 import contextlib
@@ -17,7 +18,7 @@ import shlex
 import signal
 import sys
 import time
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -28,41 +29,93 @@ import config
 import distributed
 import plots
 import rundir
+import tblog
 from config import Config, UserError
 from data import MNIST_MEAN, MNIST_STD, MNISTData, epoch_order, load_splits
-from metrics import confusion_matrix, scores
+from devices import amp_dtype, pick_device
 from distributed import print0
-from model import (MEMORY_FORMAT, build_model, count_parameters, load_checkpoint, model_logits, rebuild_model,
-                   save_checkpoint)
+from metrics import scores
+from model import (MEMORY_FORMAT, build_model, count_parameters, load_checkpoint, model_logits, read_checkpoint,
+                   rebuild_model, save_checkpoint)
 from rundir import atomic_write
 
 # Settings that --resume may change: they say where things are, how far to go, or how fast,
 # not what is learned. Any other difference from the saved run is refused.
-RESUMABLE_CHANGES = {"data_dir", "download", "out_dir", "run_name", "epochs", "eval_batch_size", "device", "compile", "resume",
-                     "tensorboard", "log_every", "dist_timeout"}
+RESUMABLE_CHANGES = {"data_dir", "download", "out_dir", "run_name", "epochs", "eval_batch_size", "device", "amp",
+                     "compile", "resume", "tensorboard", "log_every", "dist_timeout"}
 
 
 class Diverged(UserError):
     """The loss became NaN or inf; main() exits 1 rather than 2, since no input was wrong."""
 
 
-def pick_device(name: str) -> torch.device:
-    """config.device as a torch.device; 'auto' takes the fastest that is there. Under torchrun, GPU LOCAL_RANK."""
-    several = distributed.world_size() > 1
-    if name == "auto":
-        mps = torch.backends.mps.is_available() and not several  # DDP has no backend for MPS
-        name = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("device cuda was asked for, but torch sees no CUDA GPU; use --device auto or --device cpu")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise UserError("device mps was asked for, but this torch has no Apple MPS; use --device auto or --device cpu")
-    if name == "mps" and several:
-        raise UserError("torchrun cannot train on Apple MPS (DDP has no backend for it); pass --device cpu")
-    return torch.device("cuda", distributed.local_rank()) if name == "cuda" else torch.device(name)
+@dataclass
+class State:
+    """Everything the epoch loop works on, built by setup(): one object instead of ten arguments."""
+    cfg: Config
+    run_dir: Path
+    device: torch.device
+    splits: dict[str, MNISTData]
+    model: torch.nn.Module  # what checkpoints are saved from: never the DDP or compiled wrapper
+    net: torch.nn.Module    # what trains: the model, wrapped for DDP and torch.compile as configured
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    writer: "tblog.TensorBoard | tblog.NoLog"
+    record: dict  # what the run has done: epoch, epoch_progress, history, best_epoch, best_val_acc (and the test)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        cfg = config.parse_args(argv)
+        # The group serves CPU and accelerator tensors alike, so the device may still change with --resume.
+        with distributed.process_group(cfg.dist_timeout), stop_signals() as stop_requested:
+            saved = None
+            if cfg.resume or distributed.restarts():
+                cfg, saved = distributed.from_main(lambda: resume_point(cfg, argv))
+            return run(cfg, saved, stop_requested)
+    except UserError as e:
+        print0(f"error: {e}", file=sys.stderr)
+        return 1 if isinstance(e, Diverged) else 2
+    except KeyboardInterrupt:
+        print0("interrupted before anything new was saved", file=sys.stderr)
+        return 130
+    except RuntimeError as e:
+        if not distributed.lost_peer(e):
+            raise
+        # Another process died or hung. torchrun names it, and restarts the group if --max-restarts allows.
+        reason = " ".join(str(e).split())[:160]
+        print(f"error: process {distributed.rank()} lost the other processes of this run ({reason})", file=sys.stderr)
+        return 1
+
+
+def resume_point(cfg: Config, argv) -> tuple[Config, dict | None]:
+    """The config and last.pt to continue from, or (cfg, None) to start afresh. Runs on rank 0 alone.
+
+    --resume continues the named or the latest run, and refuses one that has finished. A process group that
+    torchrun restarted after losing a worker continues this job's own run, found by torchrun's job id."""
+    if distributed.restarts():
+        run_dir = rundir.job_run(cfg.out_dir, distributed.job_id())
+        if run_dir is None or not (run_dir / "last.pt").is_file():  # lost before the first last.pt: start again
+            return replace(cfg, run_name=run_dir.name if run_dir else cfg.run_name), None
+        print(f"torchrun restarted this job (restart {distributed.restarts()}): continuing {run_dir}")
+    else:
+        run_dir = rundir.find_run(cfg.out_dir, cfg.run_name)
+    _, saved = load_checkpoint(run_dir / "last.pt")  # checks the weights fit before any process uses them
+    cfg = replace(resume_config(saved["config"], argv), out_dir=str(run_dir.parent), run_name=run_dir.name)
+    best = run_dir / "best.pt"
+    finished = saved["epoch"] >= cfg.epochs and best.is_file() and "test_acc" in read_checkpoint(best)
+    if finished and not distributed.restarts():  # a restarted group finishes its job again, to end with exit code 0
+        raise UserError(f"run {run_dir} is finished: it trained all {saved['epoch']} epochs and was tested; to train "
+                        f"on, add --epochs N with N > {saved['epoch']} (the schedule stretches to the new end)")
+    return cfg, saved
 
 
 def resume_config(saved: dict, argv) -> Config:
     """The saved run's config with this command line's flags on top; refuse flags that would change what is learned."""
+    if saved.get("schedule") == "onecycle":  # the name of "linear" in checkpoints written before it was renamed
+        saved = {**saved, "schedule": "linear"}
     try:
         base = config.check(Config(**saved))
     except (TypeError, UserError) as e:
@@ -74,6 +127,82 @@ def resume_config(saved: dict, argv) -> Config:
         diffs = ", ".join(f"{n} {getattr(base, n)!r} -> {getattr(cfg, n)!r}" for n in changed)
         raise UserError(f"cannot resume: the saved run differs in {diffs}; drop those flags, or start a new run without --resume")
     return cfg
+
+
+def run(cfg: Config, saved: dict | None = None, stop_requested=lambda: False) -> int:
+    """Run the whole training job in its run folder; return the process exit code.
+
+    A fresh run gets a new folder; `saved` (a run's last.pt, as a checkpoint dict) continues in the
+    folder cfg.run_name names. Rank 0 chooses the folder and holds its lock while the run writes.
+    """
+    device = pick_device(cfg.device)
+    with contextlib.ExitStack() as held:
+        def claim() -> Path:
+            # A worker lost before this job's first last.pt leaves a folder (maybe with a best.pt): its restart
+            # starts again in that folder, its own, rather than be refused as another run's.
+            own = rundir.job_run(cfg.out_dir, distributed.job_id()) if distributed.restarts() else None
+            if saved:
+                run_dir = rundir.find_run(cfg.out_dir, cfg.run_name)
+            else:
+                run_dir = own or rundir.new_run_dir(cfg.out_dir, cfg.run_name, cfg.model)
+            held.enter_context(rundir.locked(run_dir))
+            if not saved:  # a run that fails before its first save leaves no folder behind
+                held.callback(rundir.remove_if_unused, run_dir)
+            rundir.mark_job(run_dir, distributed.job_id())  # where torchrun's restarts of this job continue
+            return run_dir
+
+        run_dir = distributed.from_main(claim)
+        cfg = replace(cfg, out_dir=str(run_dir.parent), run_name=run_dir.name)
+        last_step = saved["scheduler"]["last_epoch"] if saved else None  # optimiser steps the saved state has taken
+        writer = held.enter_context(contextlib.closing(tblog.open_writer(cfg, run_dir, last_step, distributed.is_main())))
+        state = setup(cfg, run_dir, device, saved, writer)
+        if not train_epochs(state, stop_requested):
+            return interrupted(cfg)
+        if distributed.is_main():
+            finish(state)
+        return 0
+
+
+def setup(cfg: Config, run_dir: Path, device: torch.device, saved: dict | None, writer) -> State:
+    """Seed, data, model, optimiser and schedule, restored from `saved` when resuming; prints what it built."""
+    world = distributed.world_size()
+    if cfg.amp and device.type == "cpu":
+        raise UserError("--amp needs a GPU or another accelerator, and this run is on the CPU; drop --amp")
+    if cfg.batch_size % world:
+        raise UserError(f"batch_size {cfg.batch_size} is the whole batch of all {world} processes and must split evenly "
+                        f"among them; pass a --batch-size that {world} divides")
+    print0("config: " + " ".join(f"{k}={v}" for k, v in asdict(cfg).items()))
+    print0(f"run folder: {run_dir}")
+    print0(f"device: {device}, {world} process{'es' if world > 1 else ''} x {torch.get_num_threads()} threads")
+    torch.manual_seed(cfg.seed)  # the weight initialisation; nothing draws from the global RNG after it
+
+    splits = distributed.node_first(lambda: load_splits(cfg.data_dir, cfg.val_size, cfg.split_seed, cfg.download))
+    splits = {name: split.to(device) for name, split in splits.items()}
+    print0(f"data: {len(splits['train'])} train, {len(splits['val'])} val, {len(splits['test'])} test images")
+
+    model = (rebuild_model(saved, run_dir / "last.pt") if saved else build_model(cfg.model, **model_args(cfg))).to(device)
+    optimizer, scheduler = make_optimizer(model, cfg, steps_per_epoch=math.ceil(len(splits["train"]) / cfg.batch_size))
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and amp_dtype(device) == torch.float16)
+    net = distributed.wrap(model, device)
+    net = torch.compile(net) if cfg.compile else net
+    record = {"epoch": 0, "epoch_progress": new_progress(), "history": [], "best_epoch": 0, "best_val_acc": -1.0}
+    state = State(cfg, run_dir, device, splits, model, net, optimizer, scheduler, scaler, writer, record)
+    if saved:
+        restore(state, saved)
+        print0(f"resuming from {run_dir / 'last.pt'}: epoch {record['epoch'] + 1}, step {record['epoch_progress']['step']}")
+    print0(f"model: {cfg.model}, {count_parameters(model):,} parameters")
+    return state
+
+
+def restore(state: State, saved: dict) -> None:
+    """Continue from a saved last.pt: the optimiser, the schedule (stretched to cfg.epochs), the scaler, the record."""
+    state.optimizer.load_state_dict(saved["optimizer"])
+    state.scheduler.load_state_dict(saved["scheduler"])
+    for group, base_lr in zip(state.optimizer.param_groups, state.scheduler.base_lrs):  # --epochs may have stretched it
+        group["lr"] = base_lr * state.scheduler.lr_lambdas[0](state.scheduler.last_epoch)
+    if saved["scaler"]:  # a run without float16 loss scaling saved {}, which an enabled scaler cannot load
+        state.scaler.load_state_dict(saved["scaler"])
+    state.record.update({key: saved[key] for key in state.record})
 
 
 def lr_factor(step: int, total_steps: int, schedule: str, warmup: float) -> float:
@@ -100,57 +229,82 @@ def model_args(cfg: Config) -> dict:
     return {"hidden": cfg.fcnn_hidden} if cfg.model == "fcnn" else {}
 
 
-def evaluate(model, split: MNISTData, batch_size: int) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of `model` on a split. Under torchrun each rank scores its own share
-    of the images and the sums are added, so every image counts once and every rank gets the same numbers."""
-    part = distributed.shard(len(split))
-    logits, labels = model_logits(model, split.images[part], batch_size), split.labels[part]
-    loss_sum, correct = distributed.sum_all(F.cross_entropy(logits, labels, reduction="sum"),
-                                            (logits.argmax(dim=1) == labels).sum())
-    return loss_sum.item() / len(split), correct.item() / len(split)
+def train_epochs(state: State, stop_requested) -> bool:
+    """The epoch loop, from the saved epoch to cfg.epochs: train, validate, save, log, print a row.
+
+    Returns True when every epoch is done, False when stop_requested() stopped it (last.pt is saved)."""
+    cfg, record, train_split = state.cfg, state.record, state.splits["train"]
+    if record["epoch"] < cfg.epochs:
+        print_header()
+    for epoch in range(record["epoch"], cfg.epochs):
+        start = time.perf_counter()
+        progress = train_epoch(state, epoch, stop_requested)
+        if progress["seen"] < len(train_split):  # stopped mid-epoch: save exactly where we are
+            record["epoch_progress"] = progress
+            save(state, "last.pt")
+            return False
+        val_loss, val_acc = validate(state.model, state.splits["val"], cfg.eval_batch_size)  # the same on every rank
+        record["history"].append({
+            "epoch": epoch + 1, "train_loss": progress["loss_sum"] / progress["seen"],
+            "train_acc": progress["correct"] / progress["seen"], "val_loss": val_loss, "val_acc": val_acc,
+            "lr": state.scheduler.get_last_lr()[0], "seconds": time.perf_counter() - start,
+        })
+        record["epoch"], record["epoch_progress"] = epoch + 1, new_progress()
+        if val_acc > record["best_val_acc"]:
+            record["best_epoch"], record["best_val_acc"] = epoch + 1, val_acc
+            save(state, "best.pt")
+        save(state, "last.pt")
+        if distributed.is_main():
+            write_metrics(state.run_dir, record)
+        state.writer.epoch(record["history"][-1], state.scheduler.last_epoch, len(train_split))
+        print_row(record["history"][-1], best=record["best_epoch"] == epoch + 1)
+        if distributed.any_rank(stop_requested(), state.device):
+            return False
+    return True
 
 
-def train_epoch(model, optimizer, scheduler, scaler, split, cfg, epoch, progress, stop_requested, writer) -> dict:
-    """Run one epoch from batch progress["step"] on, stopping early when stop_requested(); return the new progress.
-
-    Every cfg.log_every optimiser steps, the batch loss and learning rate go to `writer` (TensorBoard)."""
-    model.train()
-    device = split.labels.device
+def train_epoch(state: State, epoch: int, stop_requested) -> dict:
+    """Run one epoch from batch record["epoch_progress"]["step"] on, stopping early when stop_requested();
+    return the new progress. Every cfg.log_every optimiser steps, the batch's loss and the learning rate are logged."""
+    cfg, split, device, scheduler = state.cfg, state.splits["train"], state.device, state.scheduler
+    state.net.train()
     rank, world = distributed.rank(), distributed.world_size()
     order = epoch_order(len(split), cfg.seed, epoch, device)
     steps = math.ceil(len(split) / cfg.batch_size)
     # This rank's running sums stay on the device, so the loop does not wait for the GPU at every step.
     # Rank 0 carries what the epoch had summed before a resume; the ranks' sums are added at the end.
-    before = progress if distributed.is_main() else new_progress()
+    before = state.record["epoch_progress"] if distributed.is_main() else new_progress()
     loss_sum = torch.tensor(before["loss_sum"], device=device)
     correct = torch.tensor(before["correct"], device=device)
-    seen, step = before["seen"], progress["step"]
+    seen, step = before["seen"], state.record["epoch_progress"]["step"]
     autocast_dtype = amp_dtype(device)
     bar = tqdm(total=steps, initial=step, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
                disable=None if distributed.is_main() else True)
     for images, labels in split.batches(cfg.batch_size, order, start=step, rank=rank, world=world):
+        # This rank's share may be empty: the last batch can hold fewer images than there are processes.
         batch_size = min(cfg.batch_size, len(split) - step * cfg.batch_size)  # the whole batch, over all ranks
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=cfg.amp):
-            logits = model(images.contiguous(memory_format=MEMORY_FORMAT))
+            logits = state.net(images.contiguous(memory_format=MEMORY_FORMAT))
             batch_loss = F.cross_entropy(logits.float(), labels, reduction="sum")
         # DDP averages the ranks' gradients; scaled by world / batch_size, that average is the gradient of
         # the whole batch's mean loss, exactly as one process computes it, even when the ranks' shares differ.
         loss = batch_loss * (world / batch_size)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        state.optimizer.zero_grad(set_to_none=True)
+        state.scaler.scale(loss).backward()
+        state.scaler.step(state.optimizer)
+        state.scaler.update()
         scheduler.step()
         loss_sum += batch_loss.detach()
         correct += (logits.argmax(dim=1) == labels).sum()
         seen, step = seen + len(labels), step + 1
         bar.update()
         if scheduler.last_epoch % cfg.log_every == 0:  # last_epoch counts optimiser steps, across epochs and resumes
-            writer.add_scalar("step/loss", batch_loss.item() / len(labels), scheduler.last_epoch)
-            writer.add_scalar("step/lr", scheduler.get_last_lr()[0], scheduler.last_epoch)
+            # The whole batch's mean loss, summed over the ranks' shares: what one process would log.
+            (whole_batch_loss,) = distributed.sum_all(batch_loss)
+            state.writer.step(whole_batch_loss.item() / batch_size, scheduler.get_last_lr()[0], scheduler.last_epoch)
         if step % 25 == 0 or step == steps:
             check_finite(loss_sum, epoch, device)
-            bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.2%}",
+            bar.set_postfix(loss=f"{loss_sum.item() / max(seen, 1):.4f}", acc=f"{correct.item() / max(seen, 1):.2%}",
                             lr=f"{scheduler.get_last_lr()[0]:.4f}")
         # Every rank stops after the same step. Agreeing costs a collective, so several processes ask only
         # every few steps: at every step, 2 processes ran at 0.72x of one at batch 128 instead of 0.78x.
@@ -169,11 +323,46 @@ def check_finite(loss_sum: torch.Tensor, epoch: int, device) -> None:
                        f"too high; try a smaller --lr. The checkpoints from before are untouched")
 
 
-def amp_dtype(device: torch.device) -> torch.dtype:
-    """bfloat16 where the GPU has it (no loss scaling needed), float16 otherwise."""
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return torch.float16
-    return torch.bfloat16
+def validate(model, split: MNISTData, batch_size: int) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of `model` on a split. Under torchrun each rank scores its own share
+    of the images and the sums are added, so every image counts once and every rank gets the same numbers."""
+    part = distributed.shard(len(split))
+    logits, labels = model_logits(model, split.images[part], batch_size), split.labels[part]
+    loss_sum, correct = distributed.sum_all(F.cross_entropy(logits, labels, reduction="sum"),
+                                            (logits.argmax(dim=1) == labels).sum())
+    return loss_sum.item() / len(split), correct.item() / len(split)
+
+
+def save(state: State, *names: str) -> None:
+    """Write the run's state as checkpoint files in its folder; rank 0 alone writes, the others hold the same state."""
+    if not distributed.is_main():
+        return
+    cfg = state.cfg
+    ckpt = {
+        "model": state.model.state_dict(), "model_name": cfg.model, "model_args": model_args(cfg),
+        "optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict(),
+        "scaler": state.scaler.state_dict(), "config": asdict(cfg), **state.record,
+        "normalization": {"mean": MNIST_MEAN, "std": MNIST_STD}, "torch_version": str(torch.__version__),
+        "world_size": distributed.world_size(),
+    }
+    for name in names:
+        save_checkpoint(ckpt, state.run_dir / name)
+
+
+def finish(state: State) -> None:
+    """One look at the test set, with the model that did best on validation (on rank 0 alone: it is quick)."""
+    cfg, record, run_dir, test = state.cfg, state.record, state.run_dir, state.splits["test"]
+    best, best_ckpt = load_checkpoint(run_dir / "best.pt", state.device)
+    logits = model_logits(best, test.images, cfg.eval_batch_size)
+    test_loss, test_acc = scores(logits, test.labels)
+    best_ckpt.update(test_loss=test_loss, test_acc=test_acc)
+    save_checkpoint(best_ckpt, run_dir / "best.pt")
+    record.update(test_loss=test_loss, test_acc=test_acc)
+    write_metrics(run_dir, record)
+    plots.plot_curves({cfg.model: record["history"]}, run_dir / "curves.png")
+    state.writer.test(record, logits, test.images, test.labels, state.scheduler.last_epoch)
+    print(f"test: loss {test_loss:.4f}, accuracy {test_acc:.2%} (best.pt, epoch {record['best_epoch']}, "
+          f"val {record['best_val_acc']:.2%}); best.pt, last.pt, metrics.json and curves.png are in {run_dir}/")
 
 
 @contextlib.contextmanager
@@ -202,167 +391,6 @@ def stop_signals():
             signal.signal(signum, old)
 
 
-def train(cfg: Config, resumed: dict | None = None, stop_requested=lambda: False) -> int:
-    """Run the whole training job in its run folder; return the process exit code.
-
-    A fresh run gets a new folder; `resumed` (a run's last.pt, as a checkpoint dict) continues in the
-    folder cfg.run_name names. Rank 0 chooses the folder and holds its lock while the run writes.
-    """
-    with contextlib.ExitStack() as held:
-        def claim() -> Path:
-            run_dir = (rundir.find_run(cfg.out_dir, cfg.run_name) if resumed
-                       else rundir.new_run_dir(cfg.out_dir, cfg.run_name, cfg.model))
-            held.enter_context(rundir.locked(run_dir))
-            if not resumed:  # a run that fails before its first save leaves no folder behind
-                held.callback(rundir.remove_if_unused, run_dir)
-            rundir.mark_job(run_dir, distributed.job_id())  # where torchrun's restarts of this job continue
-            return run_dir
-
-        run_dir = distributed.from_main(claim)
-        cfg = replace(cfg, out_dir=str(run_dir.parent), run_name=run_dir.name)
-        writer = held.enter_context(contextlib.closing(tensorboard_writer(cfg, run_dir, resumed)))
-        return fit(cfg, run_dir, resumed, stop_requested, writer)
-
-
-def tensorboard_writer(cfg: Config, run_dir: Path, resumed):
-    """A SummaryWriter into the run folder, or a NoWriter when cfg.tensorboard is off or on ranks other than 0.
-
-    A resumed run hides the events that the interrupted one logged after its last.pt (purge_step),
-    so its curves go on from there with no step twice."""
-    if not (cfg.tensorboard and distributed.is_main()):
-        return NoWriter()
-    try:
-        from torch.utils.tensorboard import SummaryWriter  # imported only when it is used
-    except ImportError:
-        raise UserError("tensorboard is not installed; pip install -r requirements.txt, or pass --no-tensorboard") from None
-    # The saved state has taken last_epoch optimiser steps: what was logged at later steps is the lost future.
-    return SummaryWriter(run_dir, purge_step=resumed["scheduler"]["last_epoch"] + 1 if resumed else None)
-
-
-class NoWriter:
-    """Stands in for SummaryWriter when logging is off: every call does nothing, so the loop has no `if` for it."""
-
-    def __getattr__(self, name):
-        return lambda *args, **kwargs: None
-
-
-def log_epoch(writer, row: dict, step: int, images: int) -> None:
-    """The epoch's row of the table, as TensorBoard scalars at the optimiser step it ended on."""
-    for split in ("train", "val"):
-        writer.add_scalar(f"loss/{split}", row[f"{split}_loss"], step)
-        writer.add_scalar(f"accuracy/{split}", row[f"{split}_acc"], step)
-    writer.add_scalar("speed/epoch_seconds", row["seconds"], step)
-    writer.add_scalar("speed/images_per_second", images / row["seconds"], step)
-    writer.flush()  # so a killed run leaves every finished epoch readable
-
-
-def log_test(writer, cfg: Config, run: dict, logits, test: MNISTData, step: int) -> None:
-    """The test result (run's test_loss and test_acc), the config with the final metrics for the HParams tab,
-    and the test figures drawn from the logits."""
-    test_loss, test_acc, labels = run["test_loss"], run["test_acc"], test.labels.cpu()
-    writer.add_scalar("test/loss", test_loss, step)
-    writer.add_scalar("test/accuracy", test_acc, step)
-    hparams = {k: v for k, v in asdict(cfg).items() if k not in ("data_dir", "out_dir", "run_name", "resume")}
-    writer.add_hparams(hparams, {"hparam/test_accuracy": test_acc, "hparam/test_loss": test_loss,
-                                 "hparam/best_val_accuracy": run["best_val_acc"]}, run_name=".", global_step=step)
-    if cfg.tensorboard:  # drawing the figures takes about 0.4 s: only for a real writer
-        confidence, predicted = logits.softmax(dim=1).max(dim=1)
-        title = f"{cfg.model}, test accuracy {test_acc:.2%}"
-        writer.add_figure("test/confusion_matrix", plots.confusion_figure(
-            confusion_matrix(labels, predicted.cpu()).numpy(), title), step)
-        writer.add_figure("test/confident_mistakes", plots.mistakes_figure(
-            test.images.cpu().numpy(), labels.tolist(), predicted.tolist(), confidence.tolist(), title), step)
-
-
-def fit(cfg: Config, run_dir: Path, resumed, stop_requested, writer) -> int:
-    """Seed, device, data, model and optimiser, the epoch loop, then the test evaluation; files go to run_dir."""
-    device, world = pick_device(cfg.device), distributed.world_size()
-    if cfg.amp and device.type != "cuda":
-        raise UserError(f"--amp needs a CUDA GPU, and this run is on {device.type}; drop --amp")
-    if cfg.batch_size % world:
-        raise UserError(f"batch_size {cfg.batch_size} is the whole batch of all {world} processes and must split evenly "
-                        f"among them; pass a --batch-size that {world} divides")
-    print0("config: " + " ".join(f"{k}={v}" for k, v in asdict(cfg).items()))
-    print0(f"run folder: {run_dir}")
-    print0(f"device: {device}, {world} process{'es' if world > 1 else ''} x {torch.get_num_threads()} threads")
-    torch.manual_seed(cfg.seed)
-
-    splits = distributed.node_first(lambda: load_splits(cfg.data_dir, cfg.val_size, cfg.split_seed, cfg.download))
-    splits = {name: split.to(device) for name, split in splits.items()}
-    print0(f"data: {len(splits['train'])} train, {len(splits['val'])} val, {len(splits['test'])} test images")
-
-    model = (rebuild_model(resumed, run_dir / "last.pt") if resumed else build_model(cfg.model, **model_args(cfg))).to(device)
-    optimizer, scheduler = make_optimizer(model, cfg, steps_per_epoch=math.ceil(len(splits["train"]) / cfg.batch_size))
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and amp_dtype(device) == torch.float16)
-    run = {"epoch": 0, "epoch_progress": new_progress(), "history": [], "best_epoch": 0, "best_val_acc": -1.0}
-    if resumed:
-        optimizer.load_state_dict(resumed["optimizer"])
-        scheduler.load_state_dict(resumed["scheduler"])
-        scaler.load_state_dict(resumed["scaler"])
-        torch.set_rng_state(resumed["rng"].cpu())
-        for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):  # --epochs may have stretched the schedule
-            group["lr"] = base_lr * scheduler.lr_lambdas[0](scheduler.last_epoch)
-        run = {key: resumed[key] for key in run}
-        print0(f"resuming from {run_dir / 'last.pt'}: epoch {run['epoch'] + 1}, step {run['epoch_progress']['step']}")
-    net = distributed.wrap(model, device)  # checkpoints are saved from `model`, never the DDP or compiled wrapper
-    net = torch.compile(net) if cfg.compile else net
-    print0(f"model: {cfg.model}, {count_parameters(model):,} parameters")
-
-    def save(*names: str) -> None:
-        if distributed.is_main():  # one voice: rank 0 writes, the others hold the same state
-            ckpt = {
-                "model": model.state_dict(), "model_name": cfg.model, "model_args": model_args(cfg),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                "config": asdict(cfg), **run, "normalization": {"mean": MNIST_MEAN, "std": MNIST_STD},
-                "torch_version": str(torch.__version__), "rng": torch.get_rng_state(), "world_size": world,
-            }
-            for name in names:
-                save_checkpoint(ckpt, run_dir / name)
-
-    print_header()
-    for epoch in range(run["epoch"], cfg.epochs):
-        start = time.perf_counter()
-        progress = train_epoch(net, optimizer, scheduler, scaler, splits["train"], cfg, epoch,
-                               run["epoch_progress"], stop_requested, writer)
-        if progress["seen"] < len(splits["train"]):  # stopped mid-epoch: save exactly where we are
-            run["epoch_progress"] = progress
-            save("last.pt")
-            return interrupted(cfg)
-        val_loss, val_acc = evaluate(model, splits["val"], cfg.eval_batch_size)  # the same numbers on every rank
-        run["history"].append({
-            "epoch": epoch + 1, "train_loss": progress["loss_sum"] / progress["seen"],
-            "train_acc": progress["correct"] / progress["seen"], "val_loss": val_loss, "val_acc": val_acc,
-            "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - start,
-        })
-        run["epoch"], run["epoch_progress"] = epoch + 1, new_progress()
-        if val_acc > run["best_val_acc"]:
-            run["best_epoch"], run["best_val_acc"] = epoch + 1, val_acc
-            save("best.pt")
-        save("last.pt")
-        if distributed.is_main():
-            write_metrics(run_dir, run)
-        log_epoch(writer, run["history"][-1], scheduler.last_epoch, len(splits["train"]))
-        print_row(run["history"][-1], best=run["best_epoch"] == epoch + 1)
-        if distributed.any_rank(stop_requested(), device):
-            return interrupted(cfg)
-
-    if not distributed.is_main():
-        return 0
-    # One look at the test set, with the model that did best on validation (on rank 0 alone: it is quick).
-    best, best_ckpt = load_checkpoint(run_dir / "best.pt", device)
-    logits = model_logits(best, splits["test"].images, cfg.eval_batch_size)
-    test_loss, test_acc = scores(logits, splits["test"].labels)
-    best_ckpt.update(test_loss=test_loss, test_acc=test_acc)
-    save_checkpoint(best_ckpt, run_dir / "best.pt")
-    run.update(test_loss=test_loss, test_acc=test_acc)
-    write_metrics(run_dir, run)
-    plots.plot_curves({cfg.model: run["history"]}, run_dir / "curves.png")
-    log_test(writer, cfg, run, logits, splits["test"], scheduler.last_epoch)
-    print(f"test: loss {test_loss:.4f}, accuracy {test_acc:.2%} (best.pt, epoch {run['best_epoch']}, "
-          f"val {run['best_val_acc']:.2%}); best.pt, last.pt, metrics.json and curves.png are in {run_dir}/")
-    return 0
-
-
 def new_progress() -> dict:
     return {"step": 0, "loss_sum": 0.0, "correct": 0, "seen": 0}
 
@@ -375,9 +403,9 @@ def interrupted(cfg: Config) -> int:
     return 130
 
 
-def write_metrics(run_dir: Path, run: dict) -> None:
+def write_metrics(run_dir: Path, record: dict) -> None:
     keys = ("history", "best_epoch", "best_val_acc", "test_loss", "test_acc")
-    atomic_write(run_dir / "metrics.json", json.dumps({k: run[k] for k in keys if k in run}, indent=2).encode())
+    atomic_write(run_dir / "metrics.json", json.dumps({k: record[k] for k in keys if k in record}, indent=2).encode())
 
 
 COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
@@ -391,48 +419,6 @@ def print_row(row: dict, best: bool) -> None:
     cells = [f"{row['epoch']:>10}", f"{row['train_loss']:>10.4f}", f"{row['train_acc']:>10.2%}",
              f"{row['val_loss']:>10.4f}", f"{row['val_acc']:>10.2%}", f"{row['lr']:>10.4f}", f"{row['seconds']:>10.1f}"]
     print0(" ".join(cells) + ("  *best" if best else ""), flush=True)
-
-
-def resume_point(cfg: Config, argv) -> tuple[Config, dict | None]:
-    """The config and last.pt to continue from, or (cfg, None) to start afresh. Runs on rank 0 alone.
-
-    --resume continues the named or the latest run. A process group that torchrun restarted after
-    losing a worker continues this job's own run, found by torchrun's job id, with no flag needed."""
-    if distributed.restarts():
-        run_dir = rundir.job_run(cfg.out_dir, distributed.job_id())
-        if run_dir is None or not (run_dir / "last.pt").is_file():  # lost before the first save: start again
-            return replace(cfg, run_name=run_dir.name if run_dir else cfg.run_name), None
-        print(f"torchrun restarted this job (restart {distributed.restarts()}): continuing {run_dir}")
-    else:
-        run_dir = rundir.find_run(cfg.out_dir, cfg.run_name)
-    _, ckpt = load_checkpoint(run_dir / "last.pt")  # checks the weights fit before any process uses them
-    cfg = replace(resume_config(ckpt["config"], argv), out_dir=str(run_dir.parent), run_name=run_dir.name)
-    return cfg, ckpt
-
-
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        cfg = config.parse_args(argv)
-        use_cuda = pick_device(cfg.device).type == "cuda"
-        with distributed.process_group(use_cuda, cfg.dist_timeout), stop_signals() as stop_requested:
-            resumed = None
-            if cfg.resume or distributed.restarts():
-                cfg, resumed = distributed.from_main(lambda: resume_point(cfg, argv))
-            return train(cfg, resumed, stop_requested)
-    except UserError as e:
-        print0(f"error: {e}", file=sys.stderr)
-        return 1 if isinstance(e, Diverged) else 2
-    except KeyboardInterrupt:
-        print0("interrupted before anything new was saved", file=sys.stderr)
-        return 130
-    except RuntimeError as e:
-        if not distributed.lost_peer(e):
-            raise
-        # Another process died or hung. torchrun names it, and restarts the group if --max-restarts allows.
-        reason = " ".join(str(e).split())[:160]
-        print(f"error: process {distributed.rank()} lost the other processes of this run ({reason})", file=sys.stderr)
-        return 1
 
 
 if __name__ == "__main__":

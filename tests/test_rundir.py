@@ -149,7 +149,7 @@ def test_two_runs_started_at_once_write_to_two_folders(mnist_dir, tmp_path):
 def test_interrupted_run_prints_the_command_that_resumes_it(mnist_dir, tmp_path, run_main, capsys):
     """A run stopped mid-epoch names its own folder in the resume command it prints, and that command continues it."""
     cfg = train.config.parse_args(["--data-dir", str(mnist_dir), "--out-dir", str(tmp_path), *FAST])
-    assert train.train(cfg, stop_requested=lambda: True) == 130
+    assert train.run(cfg, stop_requested=lambda: True) == 130
     [folder] = run_folders(tmp_path)
     command = capsys.readouterr().err.split("To continue: ")[1].split()
     assert command == ["python", "train.py", *run_flags(folder), "--resume"]

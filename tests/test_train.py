@@ -25,8 +25,8 @@ def test_loss_drops_on_a_fixed_batch(tmp_path):
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero():
-    """onecycle rises linearly to the peak over the warm-up, then falls linearly to 0 at the last step."""
-    factors = [train.lr_factor(step, 100, "onecycle", 0.2) for step in range(101)]
+    """linear rises linearly to the peak over the warm-up, then falls linearly to 0 at the last step."""
+    factors = [train.lr_factor(step, 100, "linear", 0.2) for step in range(101)]
     assert factors[0] == 1 / 20 and factors[19] == 1.0 and factors[100] == 0.0
     assert all(a <= b for a, b in zip(factors[:20], factors[1:20])) and all(a >= b for a, b in zip(factors[19:], factors[20:]))
     assert train.lr_factor(57, 100, "constant", 0.2) == 1.0
@@ -54,7 +54,7 @@ def test_checkpoint_holds_everything_to_rebuild_and_resume(trained_run):
     """best.pt loads with weights_only=True and holds model, optimiser, schedule, config, history and test accuracy."""
     ckpt = torch.load(trained_run / "best.pt", weights_only=True)
     assert {"model", "model_name", "model_args", "optimizer", "scheduler", "config", "epoch", "history",
-            "best_val_acc", "test_acc", "normalization", "torch_version", "rng"} <= ckpt.keys()
+            "best_val_acc", "test_acc", "normalization", "torch_version", "world_size"} <= ckpt.keys()
     assert ckpt["model_name"] == "cnn" and ckpt["epoch"] == ckpt["best_epoch"] == len(ckpt["history"])
     assert torch.load(trained_run / "last.pt", weights_only=True)["epoch"] == 2
     assert ckpt["config"]["epochs"] == 2 and ckpt["normalization"] == {"mean": 0.1307, "std": 0.3081}
@@ -83,7 +83,7 @@ def test_resume_continues_the_epoch_count_and_history(mnist_dir, tmp_path):
     last = load_checkpoint(tmp_path / "last.pt")[1]
     assert last["epoch"] == 3 and [row["epoch"] for row in last["history"]] == [1, 2, 3]
     assert last["history"][0] == first["history"][0]
-    # The one-cycle schedule had decayed to 0 at the old end; it is stretched to the new one instead.
+    # The linear schedule had decayed to 0 at the old end; it is stretched to the new one instead.
     assert first["history"][0]["lr"] == 0.0 and last["history"][1]["lr"] > 0.0 and last["history"][2]["lr"] == 0.0
 
 
@@ -98,7 +98,7 @@ def test_a_stopped_and_resumed_run_matches_the_unbroken_run(mnist_dir, tmp_path,
     assert train.main(fast_args(mnist_dir, whole, "--epochs", 2)) == 0
     answers = iter(answers)
     cfg = parse_args(fast_args(mnist_dir, split, "--epochs", 2))
-    assert train.train(cfg, stop_requested=lambda: next(answers)) == 130
+    assert train.run(cfg, stop_requested=lambda: next(answers)) == 130
     saved = load_checkpoint(split / "last.pt")[1]
     assert (saved["epoch"], saved["epoch_progress"]["step"]) == stopped_at
     assert train.main(fast_args(mnist_dir, split, "--epochs", 2, "--resume")) == 0

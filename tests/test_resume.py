@@ -1,0 +1,156 @@
+"""--resume and torchrun's restarts at their edges: finished runs, folders in use, saved scaler state, changed
+precision, old schedule names, a worker lost between two saves (issue 19, bugs 4, 5, 6, 8, 9 and 11)."""
+
+import os
+import re
+from pathlib import Path
+
+import torch
+
+import rundir
+import train
+from config import parse_args
+from conftest import ROOT, fast_args, run_flags
+from model import build_model, load_checkpoint, save_checkpoint
+
+
+def copy_run(run_dir: Path, to: Path, names=("best.pt", "last.pt", "metrics.json")) -> Path:
+    """A copy of a run folder's files, to change or resume without touching the shared fixture."""
+    to.mkdir(parents=True)
+    for name in names:
+        (to / name).write_bytes((run_dir / name).read_bytes())
+    return to
+
+
+def files(folder: Path) -> dict:
+    """Every file in a folder, with its bytes and modification time."""
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.iterdir()}
+
+
+def one_error_line(result, exit_code=2) -> str:
+    assert result.returncode == exit_code, (result.returncode, result.stderr)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr, result.stderr
+    return lines[0]
+
+
+def test_resuming_a_finished_run_says_so_and_touches_nothing(trained_run, tmp_path, run_main):
+    """--resume on a run that trained all its epochs and was tested says it is finished and how to train on
+    (--epochs N), exits 2, and leaves every file in the folder as it was, adding none."""
+    run_dir = copy_run(trained_run, tmp_path / "done")
+    before = files(run_dir)
+    result = run_main(*run_flags(run_dir), "--resume")
+    message = one_error_line(result)
+    assert message == (
+        f"error: run {run_dir} is finished: it trained all 2 epochs and was tested; to train on, "
+        f"add --epochs N with N > 2 (the schedule stretches to the new end)"
+    )
+    assert "epoch" not in result.stdout
+    assert files(run_dir) == before
+    assert run_main(*run_flags(run_dir), "--resume", "--epochs", 3).returncode == 0  # the advice works
+    assert load_checkpoint(run_dir / "last.pt")[1]["epoch"] == 3
+
+
+def test_a_run_stopped_after_its_last_epoch_but_before_the_test_resumes_to_the_test(trained_run, tmp_path, run_main):
+    """A run whose last epoch was saved but whose best.pt was never tested is not finished: --resume tests it."""
+    run_dir = copy_run(trained_run, tmp_path / "untested")
+    best = load_checkpoint(run_dir / "best.pt")[1]
+    del best["test_loss"], best["test_acc"]
+    save_checkpoint(best, run_dir / "best.pt")
+    result = run_main(*run_flags(run_dir), "--resume")
+    assert result.returncode == 0, result.stderr
+    assert "test: loss" in result.stdout and "test_acc" in load_checkpoint(run_dir / "best.pt")[1]
+
+
+def test_resuming_a_folder_still_being_written_names_its_writer(tmp_path, run_main):
+    """--resume into a run folder whose run holds its lock but has saved nothing yet names that run, not
+    "nothing to resume"; once the lock is free it is nothing to resume again."""
+    run_dir = tmp_path / "busy"
+    run_dir.mkdir()
+    with rundir.locked(run_dir):  # as a run does from its start; a lock taken in this process is held all the same
+        message = one_error_line(run_main(*run_flags(run_dir), "--resume"))
+    assert message == (
+        f"error: run {run_dir} is being written by train.py with PID {os.getpid()} on "
+        f"{message.split(' on ')[1].split(' and has')[0]} and has no last.pt yet; wait for it to end, "
+        f"or start a new run"
+    )
+    assert "nothing to resume" in one_error_line(run_main(*run_flags(run_dir), "--resume"))
+
+
+def test_a_checkpoint_without_loss_scaling_resumes_where_the_scaler_is_on(trained_run, mnist_dir):
+    """A last.pt saved with scaler state {} (no float16 loss scaling: the CPU, or bfloat16) restores into an enabled
+    GradScaler, as a GPU without bfloat16 has; the scaler keeps its fresh state."""
+    saved = load_checkpoint(trained_run / "last.pt")[1]
+    assert saved["scaler"] == {}
+    cfg = parse_args(fast_args(mnist_dir, "unused", "--epochs", 2))
+    model = build_model("cnn")
+    optimizer, scheduler = train.make_optimizer(model, cfg, steps_per_epoch=10)
+    scaler = torch.amp.GradScaler("cpu", enabled=True)
+    state = train.State(
+        cfg,
+        None,
+        torch.device("cpu"),
+        {},
+        model,
+        model,
+        optimizer,
+        scheduler,
+        scaler,
+        None,
+        {"epoch": 0, "epoch_progress": train.new_progress(), "history": [], "best_epoch": 0, "best_val_acc": -1.0},
+    )
+    train.restore(state, saved)
+    assert scaler.is_enabled() and scaler.get_scale() == 2.0**16
+    assert state.record["epoch"] == 2 and scheduler.last_epoch == saved["scheduler"]["last_epoch"]
+
+
+def test_amp_may_change_on_resume(trained_run, tmp_path, run_main):
+    """Mixed precision is how fast, not what is learned: a run saved with amp on continues with --no-amp."""
+    run_dir = copy_run(trained_run, tmp_path / "amp")
+    last = load_checkpoint(run_dir / "last.pt")[1]
+    last["config"]["amp"] = True  # as if trained on a GPU with --amp
+    save_checkpoint(last, run_dir / "last.pt")
+    assert train.resume_config(last["config"], ["--resume", "--no-amp"]).amp is False
+    result = run_main(*run_flags(run_dir), "--resume", "--no-amp", "--epochs", 3)
+    assert result.returncode == 0, result.stderr
+    assert load_checkpoint(run_dir / "last.pt")[1]["config"]["amp"] is False
+
+
+def test_a_checkpoint_from_before_the_schedule_was_renamed_resumes(trained_run, tmp_path, run_main):
+    """A last.pt whose config names the schedule "onecycle" (its old name) resumes as "linear", the same schedule."""
+    run_dir = copy_run(trained_run, tmp_path / "old")
+    last = load_checkpoint(run_dir / "last.pt")[1]
+    assert last["config"]["schedule"] == "linear"
+    last["config"]["schedule"] = "onecycle"
+    save_checkpoint(last, run_dir / "last.pt")
+    result = run_main(*run_flags(run_dir), "--resume", "--epochs", 3)
+    assert result.returncode == 0, result.stderr
+    resumed = load_checkpoint(run_dir / "last.pt")[1]
+    assert resumed["config"]["schedule"] == "linear" and resumed["history"][-1]["lr"] == 0.0
+
+
+def test_a_torchrun_restart_adopts_its_own_folder_that_has_no_last_pt(
+    trained_run, mnist_dir, tmp_path, run_main, monkeypatch
+):
+    """A worker lost between an epoch's best.pt and its first last.pt leaves a folder with best.pt alone; the restarted
+    group starts again in that folder, its job's own, instead of refusing it as another run's."""
+    run_dir = copy_run(trained_run, tmp_path / "runs" / "run", names=("best.pt",))
+    rundir.mark_job(run_dir, "job-7")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-7")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    result = run_main(*fast_args(mnist_dir, run_dir))
+    assert result.returncode == 0, result.stderr
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["run"]
+    assert [row["epoch"] for row in load_checkpoint(run_dir / "last.pt")[1]["history"]] == [1]
+    assert load_checkpoint(run_dir / "best.pt")[1]["config"]["epochs"] == 1  # the new run's, not the lost one's
+
+
+def test_checkpoints_hold_no_rng_state_and_the_readme_lists_every_key(trained_run):
+    """Nothing draws from the global RNG after start-up, so a checkpoint holds no RNG state; the README's checkpoint
+    table names each key of best.pt, and no other."""
+    keys = set(torch.load(trained_run / "best.pt", weights_only=True))
+    assert "rng" not in keys
+    text = "\n".join(p.read_text() for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))])
+    table = text[text.index("| key | value |") :].split("\n\n")[0]
+    listed = {name for row in table.splitlines()[2:] for name in re.findall(r"`(\w+)`", row.split("|")[1])}
+    assert listed == keys
