@@ -24,7 +24,7 @@ from config import Config  # noqa: E402
 from export import Exported, export_onnx  # noqa: E402
 from model import load_checkpoint  # noqa: E402
 from rundir import latest_checkpoint  # noqa: E402
-from speed import cpu_name  # noqa: E402  (benchmarks/speed.py, beside this file)
+from benchmarks.speed import cpu_name  # noqa: E402
 
 
 def per_call(fn, pixels, calls: int) -> float:
