@@ -13,7 +13,15 @@ const drop = document.getElementById("drop");
 
 // MNIST's strokes are about 2.5 px thick on a digit 20 px tall. A digit drawn to fill most of the pad
 // keeps that ratio with a pen a twelfth of the pad wide.
-const PEN = pad.width / 12;
+const PEN_SHARE = 1 / 12;
+
+// As many canvas pixels as screen pixels, so strokes stay sharp on a phone; the server shrinks it anyway.
+function fitPad() {
+  const side = Math.round(pad.getBoundingClientRect().width * (window.devicePixelRatio || 1));
+  if (side > 0 && side !== pad.width) { pad.width = pad.height = side; }
+}
+fitPad();
+window.addEventListener("resize", () => { if (empty) fitPad(); });  // resizing a canvas wipes it
 
 let inFlight = false; // at most one request at a time: while one runs, later strokes only mark the pad dirty
 let dirty = false;
@@ -36,7 +44,7 @@ function point(event) {
 
 function stroke(from, to) {
   ctx.strokeStyle = "#1d1b2e";
-  ctx.lineWidth = PEN;
+  ctx.lineWidth = pad.width * PEN_SHARE;
   ctx.lineCap = "round";
   ctx.lineJoin = "round";
   ctx.beginPath();
@@ -127,7 +135,7 @@ function showError(text) {
 function setBars(probabilities, best) {
   bars.querySelectorAll("li").forEach((li, d) => {
     const p = probabilities ? probabilities[d] : 0;
-    li.querySelector(".fill").style.width = `${(p * 100).toFixed(1)}%`;
+    li.style.setProperty("--p", p.toFixed(4));  // the style draws the bar across, or upwards on a phone
     li.querySelector(".pct").textContent = probabilities ? `${Math.round(p * 100)}%` : "";
     li.classList.toggle("best", d === best);
   });
@@ -140,6 +148,7 @@ function clearPad() {
   photo = null;
   last = null;
   ctx.clearRect(0, 0, pad.width, pad.height);
+  fitPad();
   hint.hidden = false;
   prediction.textContent = "–";
   prediction.dataset.digit = "";

@@ -1,14 +1,10 @@
 """demo.py: POST /predict through the framework's test client, and the real server as a user starts it."""
 import asyncio
 import base64
-import contextlib
 import io
 import json
-import selectors
-import signal
 import socket
 import struct
-import subprocess
 import sys
 import threading
 import zlib
@@ -24,6 +20,9 @@ import predict as predict_cli
 from conftest import ROOT, call_main, run_cli
 from digits import MAX_PIXELS, prepare_digit
 from model import load_checkpoint, predict
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from demo_browser import serve  # noqa: E402
 
 
 def pad_png(digit: str = "7", size: int = 280, transparent: bool = True) -> bytes:
@@ -203,29 +202,6 @@ def test_predict_py_refuses_the_pixel_bomb_too(capsys, trained_run, tmp_path):
 
 
 # --- the real server -------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def serve(checkpoint, timeout: float = 60):
-    """Run `python demo.py --port 0` as a user would; yield its address; stop it with Ctrl-C (SIGINT) and
-    check that it exits cleanly."""
-    proc = subprocess.Popen([sys.executable, "-u", str(ROOT / "demo.py"), "--checkpoint", str(checkpoint),
-                             "--port", "0"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        with selectors.DefaultSelector() as selector:  # wait for the address line, for at most `timeout`
-            selector.register(proc.stdout, selectors.EVENT_READ)
-            if not selector.select(timeout):
-                raise TimeoutError(f"demo.py printed no address in {timeout} s")
-        line = proc.stdout.readline()
-        assert line.startswith("serving the demo on http://127.0.0.1:"), line + proc.stderr.read()
-        yield line.split()[4]
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=20)
-        assert proc.returncode == 0 and "Traceback" not in err, err
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-
 
 @pytest.fixture(scope="module")
 def server(trained_run):
