@@ -118,8 +118,11 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    import torch
     import uvicorn
 
+    # One image is far too small to split across cores: requests run side by side instead, one thread each.
+    torch.set_num_threads(1)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(f"serving the demo on http://{shown}:{port}  (Ctrl-C stops it)", flush=True)
