@@ -31,11 +31,12 @@ WAIT_MS = 30_000  # for any one answer from the page
 
 
 @contextlib.contextmanager
-def serve(checkpoint, timeout: float = 60):
-    """Run `python demo.py --port 0` as a user would and yield its address; then stop it with Ctrl-C (SIGINT)
-    and raise unless it exits with 0 and no traceback."""
-    proc = subprocess.Popen([sys.executable, "-u", str(ROOT / "demo.py"), "--checkpoint", str(checkpoint),
-                             "--port", "0"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def serve(checkpoint, timeout: float = 60, cwd=ROOT):
+    """Run `python demo.py --port 0` in `cwd` as a user would (without --checkpoint when it is None) and yield
+    its address; then stop it with Ctrl-C (SIGINT) and raise unless it exits with 0 and no traceback."""
+    flags = ["--port", "0"] + (["--checkpoint", str(checkpoint)] if checkpoint else [])
+    proc = subprocess.Popen([sys.executable, "-u", str(ROOT / "demo.py"), *flags], cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         with selectors.DefaultSelector() as selector:  # wait for the address line, for at most `timeout`
             selector.register(proc.stdout, selectors.EVENT_READ)

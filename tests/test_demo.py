@@ -3,6 +3,7 @@ import asyncio
 import base64
 import io
 import json
+import shutil
 import socket
 import struct
 import sys
@@ -227,6 +228,18 @@ def test_forty_concurrent_requests_all_succeed_with_the_same_answer(server):
     for i, response in enumerate(responses):
         assert response.json()["digit"] == alone[i % 4]["digit"]
         assert np.allclose(response.json()["probabilities"], alone[i % 4]["probabilities"], atol=1e-5)
+
+
+def test_default_checkpoint_is_the_latest_runs_best(trained_run, tmp_path):
+    """Without --checkpoint, demo.py serves runs/<latest>/best.pt from where it is started, as predict.py does."""
+    import httpx
+
+    (tmp_path / "runs" / "mine").mkdir(parents=True)
+    shutil.copy(trained_run / "best.pt", tmp_path / "runs" / "mine" / "best.pt")
+    with serve(None, cwd=tmp_path) as url:
+        served = httpx.post(url + "/predict", files={"image": ("pad.png", pad_png())}, timeout=60).json()
+    model = load_checkpoint(trained_run / "best.pt")[0]
+    assert np.allclose(served["probabilities"], predict(model, prepare_digit(pad_png()), prepare=False)[1][0], atol=1e-5)
 
 
 def test_missing_checkpoint_is_one_error_line(tmp_path):

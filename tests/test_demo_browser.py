@@ -117,6 +117,23 @@ def test_upload_classifies_the_photo(synthetic_page, tmp_path):
     assert page.text_content("#message") == ""
 
 
+def test_a_photo_dropped_on_the_page_is_classified(synthetic_page):
+    """A file dropped anywhere on the page is classified, with the answer the API gives for the same file."""
+    page = synthetic_page
+    page.click("#clear")
+    data = pad_png("1", transparent=False)
+    transfer = page.evaluate_handle("""bytes => {
+        const transfer = new DataTransfer();
+        transfer.items.add(new File([new Uint8Array(bytes)], "one.png", { type: "image/png" }));
+        return transfer;
+    }""", list(data))
+    page.dispatch_event("h1", "drop", {"dataTransfer": transfer})
+    digit = answer(page)
+    with httpx.Client(base_url=page.url, timeout=60) as http:
+        expected = http.post("/predict", files={"image": ("one.png", data)}).json()["digit"]
+    assert digit == str(expected) and page.get_attribute("#prediction", "data-digit") == digit
+
+
 def test_a_blank_photo_shows_the_reason_and_no_digit(synthetic_page, tmp_path):
     """An upload with no ink leaves data-digit empty and shows the server's one-line reason."""
     page = synthetic_page
