@@ -16,7 +16,15 @@ import socket
 import sys
 from pathlib import Path
 
+import torch
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
 from PIL import Image
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 
 from config import Config, Parser, UserError
 from digits import NoDigit, prepare_digit
@@ -27,8 +35,7 @@ STATIC = Path(__file__).resolve().parent / "static"
 MAX_BYTES = 10 * 2**20  # a phone photo is 2-8 MB; a larger body is refused by its length, before it is read
 
 
-def error(status: int, message: str):
-    from fastapi.responses import JSONResponse
+def error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
@@ -50,11 +57,6 @@ def classify(model, data: bytes) -> dict:
 
 def create_app(model, max_bytes: int = MAX_BYTES):
     """The web app around one model in eval mode: the page at /, the classifier at POST /predict."""
-    from fastapi import FastAPI, Request
-    from fastapi.staticfiles import StaticFiles
-    from starlette.concurrency import run_in_threadpool
-    from starlette.datastructures import UploadFile
-
     app = FastAPI(title="MNIST demo", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.post("/predict")
@@ -66,8 +68,8 @@ def create_app(model, max_bytes: int = MAX_BYTES):
             return error(413, f"the request is over the {max_bytes // 2**20} MB limit; send a smaller image")
         try:
             form = await request.form(max_files=1, max_fields=10)
-        except Exception:  # not multipart, or a broken one: starlette raises several kinds
-            return error(400, "send the image as multipart/form-data with a field named image")
+        except HTTPException as e:  # a broken multipart body, or more than one file
+            return error(400, f"{e.detail}; send the image as multipart/form-data with a field named image")
         image = form.get("image")
         if not isinstance(image, UploadFile):
             return error(400, "no image: send the picture as the multipart form field named image")
@@ -98,7 +100,8 @@ def listen(host: str, port: int) -> socket.socket:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
         sock = socket.socket(family, socket.SOCK_STREAM)
     except (OSError, UnicodeError) as e:
-        raise UserError(f"cannot listen on {host}: {getattr(e, 'strerror', None) or e}; pass --host 127.0.0.1") from None
+        reason = getattr(e, "strerror", None) or e
+        raise UserError(f"cannot listen on {host}: {reason}; pass --host 127.0.0.1 or another address") from None
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart need not wait out TIME_WAIT
     try:
         sock.bind((host, port))
@@ -118,9 +121,6 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    import torch
-    import uvicorn
-
     # One image is far too small to split across cores: requests run side by side instead, one thread each.
     torch.set_num_threads(1)
     host, port = sock.getsockname()[:2]

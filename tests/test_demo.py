@@ -137,10 +137,15 @@ def test_image_with_no_ink(client):
 
 
 def test_no_image_field(client):
-    """A form without the field `image` gets 400 naming the field; so does a body that is no form at all."""
+    """A form without the field `image`, a body that is no form, a broken form or two files get 400 saying what to send."""
     assert_error(post(client, pad_png(), field="picture"), 400, "image")
     assert_error(client.post("/predict", data={"image": "text, not a file"}), 400, "image")
-    assert_error(client.post("/predict", content=b"{}", headers={"content-type": "application/json"}), 400, "multipart")
+    assert_error(client.post("/predict", content=b"{}", headers={"content-type": "application/json"}), 400, "image")
+    broken = {"content-type": "multipart/form-data; boundary=xyz"}
+    assert_error(client.post("/predict", content=b"--xyz\r\nContent-Disposition: form-data\r\n\r\nno name", headers=broken),
+                 400, "multipart/form-data")
+    two = [("image", ("a.png", pad_png())), ("image", ("b.png", pad_png()))]
+    assert_error(client.post("/predict", files=two), 400, "multipart/form-data")
 
 
 def test_body_over_the_size_limit(model):
