@@ -92,7 +92,8 @@ def test_transparent_pad_reads_as_white_paper(client):
     def seen(answer):
         return np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["prepared"].split(",")[1])))).astype(int)
     clear, white = post(client, pad_png("1")).json(), post(client, pad_png("1", transparent=False)).json()
-    # shrinking to prepare_digit's working size blends stroke edges with transparent black or with white: one level apart
+    # shrinking to prepare_digit's working size blends stroke edges with transparent black or with white:
+    # one grey level apart
     assert np.abs(seen(clear) - seen(white)).max() <= 2
     assert clear["digit"] == white["digit"] and np.allclose(clear["probabilities"], white["probabilities"], atol=0.01)
 
@@ -137,13 +138,13 @@ def test_image_with_no_ink(client):
 
 
 def test_no_image_field(client):
-    """A form without the field `image`, a body that is no form, a broken form or two files get 400 saying what to send."""
+    """No field `image`, a body that is no form, a broken form or two files: 400 saying what to send."""
     assert_error(post(client, pad_png(), field="picture"), 400, "image")
     assert_error(client.post("/predict", data={"image": "text, not a file"}), 400, "image")
     assert_error(client.post("/predict", content=b"{}", headers={"content-type": "application/json"}), 400, "image")
     broken = {"content-type": "multipart/form-data; boundary=xyz"}
-    assert_error(client.post("/predict", content=b"--xyz\r\nContent-Disposition: form-data\r\n\r\nno name", headers=broken),
-                 400, "multipart/form-data")
+    nameless = b"--xyz\r\nContent-Disposition: form-data\r\n\r\nno name"
+    assert_error(client.post("/predict", content=nameless, headers=broken), 400, "multipart/form-data")
     two = [("image", ("a.png", pad_png())), ("image", ("b.png", pad_png()))]
     assert_error(client.post("/predict", files=two), 400, "multipart/form-data")
 
@@ -203,7 +204,8 @@ def test_predict_py_refuses_the_pixel_bomb_too(capsys, trained_run, tmp_path):
     good.write_bytes(pad_png())
     result = call_main(capsys, predict_cli.main, [bomb, good, "--checkpoint", trained_run / "best.pt"])
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines() == [f"error: {bomb}: more than the 64-megapixel limit; scale the image down"]
+    expected = f"error: {bomb}: more than the 64-megapixel limit; scale the image down"
+    assert result.stderr.strip().splitlines() == [expected]
     assert result.stdout.startswith(f"{good}: ")
 
 
@@ -216,7 +218,7 @@ def server(trained_run):
 
 
 def test_forty_concurrent_requests_all_succeed_with_the_same_answer(server):
-    """40 requests at once to the real server all get 200 and the answer a single request gets: the model is shared safely."""
+    """40 requests at once to the real server all get 200 and the answer each gets alone: the model is shared safely."""
     import httpx
 
     images = [pad_png("7"), pad_png("1"), pad_png("7", transparent=False), pad_png("1", transparent=False)]
@@ -244,7 +246,8 @@ def test_default_checkpoint_is_the_latest_runs_best(trained_run, tmp_path):
     with serve(None, cwd=tmp_path) as url:
         served = httpx.post(url + "/predict", files={"image": ("pad.png", pad_png())}, timeout=60).json()
     model = load_checkpoint(trained_run / "best.pt")[0]
-    assert np.allclose(served["probabilities"], predict(model, prepare_digit(pad_png()), prepare=False)[1][0], atol=1e-5)
+    expected = predict(model, prepare_digit(pad_png()), prepare=False)[1][0]
+    assert np.allclose(served["probabilities"], expected, atol=1e-5)
 
 
 def test_missing_checkpoint_is_one_error_line(tmp_path):

@@ -152,7 +152,7 @@ DRAWINGS = 50  # 2-3 s each on this machine; benchmarks/demo_browser.py draws mo
 
 @pytest.mark.timeout(600)  # 50 drawings, and real_run's training when this test is the first to ask for it
 def test_drawn_digits_are_read_at_95_percent(real_page):
-    """50 digits drawn with the mouse, varied in size, place, slant and stroke width, are read right >= 95% of the time."""
+    """50 digits drawn with the mouse, varied in size, place, slant and stroke width: >= 95% read right."""
     page = real_page
     rng = np.random.default_rng(0)
     wrong = []
