@@ -8,12 +8,12 @@ import socket
 import struct
 import sys
 import threading
+import warnings
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from fastapi.testclient import TestClient
 from PIL import Image, ImageDraw
 
 import demo
@@ -24,6 +24,10 @@ from model import load_checkpoint, predict
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from demo_browser import serve  # noqa: E402
+
+with warnings.catch_warnings():  # starlette 1.x suggests httpx2 for its test client; httpx works the same
+    warnings.filterwarnings("ignore", "Using `httpx` with `starlette.testclient`")
+    from fastapi.testclient import TestClient
 
 
 def pad_png(digit: str = "7", size: int = 280, transparent: bool = True) -> bytes:
