@@ -13,6 +13,7 @@ from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 WORK_SIZE = 256  # longest side the cleaning works at: keeps strokes several pixels wide, and is quick
 INK_LEVEL = 0.25  # after cleaning, the share of the stroke's brightness from which a pixel counts as ink
 MIN_CONTRAST = 0.12  # ink must stand this far (on a 0-1 scale) above what is left of the background
+MAX_PIXELS = 64_000_000  # a 64-megapixel photo decodes to ~200 MB; a 60,000 x 60,000 PNG of a few hundred KB to 11 GB
 
 
 class NoDigit(ValueError):
@@ -29,8 +30,13 @@ def load_image(source) -> Image.Image:
     if isinstance(source, bytes):
         source = io.BytesIO(source)
     try:
-        image = Image.open(source)
+        image = Image.open(source)  # reads only the header: the size is known before any pixel is decoded
+        if image.width * image.height > MAX_PIXELS:
+            raise ValueError(f"{image.width}x{image.height} pixels is more than the {MAX_PIXELS // 10**6}-megapixel "
+                             f"limit; scale the image down")
         image.load()
+    except Image.DecompressionBombError:  # PIL's own, larger limit trips inside open() for the very largest
+        raise ValueError(f"more than the {MAX_PIXELS // 10**6}-megapixel limit; scale the image down") from None
     except FileNotFoundError:
         raise ValueError("no such file") from None
     except IsADirectoryError:

@@ -1,0 +1,139 @@
+"""Draw a digit in the browser and watch the network answer: a page and one JSON endpoint.
+
+    python demo.py                                   # the latest run's best.pt, on http://127.0.0.1:8000
+    python demo.py --checkpoint runs/cnn/best.pt --port 8080
+    curl -F image=@photo.jpg http://127.0.0.1:8000/predict
+
+The page (static/) sends the drawing pad, an uploaded or a dropped photo to POST /predict as the
+multipart field `image`. Every image goes through the one path predict.py uses: digits.prepare_digit,
+then model.predict. The answer is {"digit", "confidence", "probabilities", "prepared"}, where
+`prepared` is the 28x28 digit the network saw, as a PNG data URL. Bad input gets a 4xx with
+{"error": "<one line>"} and the server goes on serving.
+"""
+import base64
+import io
+import socket
+import sys
+from pathlib import Path
+
+import torch
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
+from PIL import Image
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+
+from config import Config, Parser, UserError
+from digits import NoDigit, prepare_digit
+from model import load_checkpoint, predict
+from rundir import latest_checkpoint
+
+STATIC = Path(__file__).resolve().parent / "static"
+MAX_BYTES = 10 * 2**20  # a phone photo is 2-8 MB; a larger body is refused by its length, before it is read
+
+
+def error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def data_url(digit) -> str:
+    """A 28x28 uint8 digit as a PNG data URL, which an <img> shows as it is."""
+    buffer = io.BytesIO()
+    Image.fromarray(digit).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def classify(model, data: bytes) -> dict:
+    """The answer for one encoded image. Raises ValueError (NoDigit when no ink stands out)."""
+    digit = prepare_digit(data)
+    # Many threads may run this at once: an eval-mode forward under inference_mode only reads the weights.
+    probs = predict(model, digit, prepare=False)[1][0].tolist()
+    best = max(range(10), key=probs.__getitem__)
+    return {"digit": best, "confidence": probs[best], "probabilities": probs, "prepared": data_url(digit)}
+
+
+def create_app(model, max_bytes: int = MAX_BYTES):
+    """The web app around one model in eval mode: the page at /, the classifier at POST /predict."""
+    app = FastAPI(title="MNIST demo", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.post("/predict")
+    async def predict_endpoint(request: Request):
+        length = request.headers.get("content-length")
+        if length is None:
+            return error(411, "send the image with a Content-Length, as a multipart form field named image")
+        if not length.isdigit() or int(length) > max_bytes:
+            return error(413, f"the request is over the {max_bytes // 2**20} MB limit; send a smaller image")
+        try:
+            form = await request.form(max_files=1, max_fields=10)
+        except HTTPException as e:  # a broken multipart body, or more than one file
+            return error(400, f"{e.detail}; send the image as multipart/form-data with a field named image")
+        image = form.get("image")
+        if not isinstance(image, UploadFile):
+            return error(400, "no image: send the picture as the multipart form field named image")
+        data = await image.read()
+        try:  # prepare_digit is CPU work: off the event loop, so other requests are served meanwhile
+            return await run_in_threadpool(classify, model, data)
+        except NoDigit as e:
+            return error(422, str(e))
+        except ValueError as e:
+            return error(415, f"not a usable image: {e}")
+
+    app.mount("/", StaticFiles(directory=STATIC, html=True), name="static")
+    return app
+
+
+def parse_args(argv):
+    parser = Parser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser.add_argument("--checkpoint", type=Path, help="a best.pt or last.pt (default: the latest run's best.pt)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every network)")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0: any free port)")
+    return parser.parse_args(argv)
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port, so that a port in use is one clear line rather than a server's log."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as e:
+        reason = getattr(e, "strerror", None) or e
+        raise UserError(f"cannot listen on {host}: {reason}; pass --host 127.0.0.1 or another address") from None
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart need not wait out TIME_WAIT
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)  # from here on, connections wait in the queue until uvicorn takes them
+    except OSError as e:
+        sock.close()
+        raise UserError(f"cannot listen on {host}:{port} ({e.strerror or e}); "
+                        f"stop what uses it or pass another --port") from None
+    return sock
+
+
+def main(argv=None) -> int:
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+        model, _ = load_checkpoint(args.checkpoint or latest_checkpoint(Config().out_dir))
+        sock = listen(args.host, args.port)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    # One image is far too small to split across cores: requests run side by side instead, one thread each.
+    torch.set_num_threads(1)
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    print(f"serving the demo on http://{shown}:{port}  (Ctrl-C stops it)", flush=True)
+    server = uvicorn.Server(uvicorn.Config(create_app(model), log_level="warning"))
+    try:  # uvicorn finishes the requests under way on Ctrl-C, then raises the signal again
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass
+    print("stopped", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,274 @@
+"""demo.py: POST /predict through the framework's test client, and the real server as a user starts it."""
+import asyncio
+import base64
+import io
+import json
+import shutil
+import socket
+import struct
+import sys
+import threading
+import warnings
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+import demo
+import predict as predict_cli
+from conftest import ROOT, call_main, run_cli
+from digits import MAX_PIXELS, prepare_digit
+from model import load_checkpoint, predict
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from demo_browser import serve  # noqa: E402
+
+with warnings.catch_warnings():  # starlette 1.x suggests httpx2 for its test client; httpx works the same
+    warnings.filterwarnings("ignore", "Using `httpx` with `starlette.testclient`")
+    from fastapi.testclient import TestClient
+
+
+def pad_png(digit: str = "7", size: int = 280, transparent: bool = True) -> bytes:
+    """What the page's pad sends: dark round strokes on a transparent (or white) square canvas, as PNG."""
+    image = Image.new("RGBA", (size, size), (0, 0, 0, 0) if transparent else "white")
+    draw = ImageDraw.Draw(image)
+    pen = size // 12
+    paths = {"7": [(70, 60), (210, 60), (120, 230)], "1": [(140, 40), (135, 240)]}
+    points = paths[digit]
+    draw.line(points, fill=(29, 27, 46, 255), width=pen, joint="curve")
+    for x, y in points:  # round caps, as the canvas draws them
+        draw.ellipse((x - pen / 2, y - pen / 2, x + pen / 2, y + pen / 2), fill=(29, 27, 46, 255))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def huge_png(width: int, height: int) -> bytes:
+    """A valid PNG header claiming width x height white pixels, with one row of data: decoding it would fail
+    (or take gigabytes), so only a check of the header itself can give the pixel-limit error."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" + b"\xff" * width))
+            + chunk(b"IEND", b""))
+
+
+@pytest.fixture(scope="module")
+def model(trained_run):
+    return load_checkpoint(trained_run / "best.pt")[0]
+
+
+@pytest.fixture(scope="module")
+def client(model):
+    with TestClient(demo.create_app(model)) as client:
+        yield client
+
+
+def post(client, data: bytes, name="pad.png", field="image"):
+    return client.post("/predict", files={field: (name, data, "image/png")})
+
+
+# --- the answer ------------------------------------------------------------------------------
+
+def test_answer_has_every_field_from_the_one_prepare_and_predict_path(client, model):
+    """digit, confidence, probabilities and prepared are those of prepare_digit + model.predict on the same image."""
+    data = pad_png("7")
+    response = post(client, data)
+    assert response.status_code == 200 and response.headers["content-type"] == "application/json"
+    answer = response.json()
+    assert set(answer) == {"digit", "confidence", "probabilities", "prepared"}
+    digit = prepare_digit(data)
+    classes, probs = predict(model, digit, prepare=False)
+    assert answer["digit"] == classes.item()
+    assert np.allclose(answer["probabilities"], probs[0].tolist(), atol=1e-6)
+    assert len(answer["probabilities"]) == 10 and abs(sum(answer["probabilities"]) - 1) < 1e-4
+    assert answer["confidence"] == max(answer["probabilities"]) == answer["probabilities"][answer["digit"]]
+    head, encoded = answer["prepared"].split(",", 1)
+    assert head == "data:image/png;base64"
+    shown = np.asarray(Image.open(io.BytesIO(base64.b64decode(encoded))))
+    assert shown.shape == (28, 28) and np.array_equal(shown, digit)
+
+
+def test_transparent_pad_reads_as_white_paper(client):
+    """Strokes on the pad's transparent canvas give the 28x28 digit and answer they give on white paper."""
+    def seen(answer):
+        return np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["prepared"].split(",")[1])))).astype(int)
+    clear, white = post(client, pad_png("1")).json(), post(client, pad_png("1", transparent=False)).json()
+    # shrinking to prepare_digit's working size blends stroke edges with transparent black or with white:
+    # one grey level apart
+    assert np.abs(seen(clear) - seen(white)).max() <= 2
+    assert clear["digit"] == white["digit"] and np.allclose(clear["probabilities"], white["probabilities"], atol=0.01)
+
+
+def test_jpeg_upload_is_classified(client):
+    """A JPEG photo, as curl -F image=@photo.jpg sends it, gets an answer like the PNG's."""
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(pad_png("7", transparent=False))).convert("RGB").save(buffer, format="JPEG", quality=85)
+    response = client.post("/predict", files={"image": ("photo.jpg", buffer.getvalue(), "image/jpeg")})
+    assert response.status_code == 200 and 0 <= response.json()["digit"] <= 9
+
+
+def test_page_and_its_files_are_served_with_the_contract_ids(client):
+    """/ serves the page with #pad, #prediction[data-digit], #clear and #upload; its script and style load locally."""
+    page = client.get("/").text
+    for needle in ('<canvas id="pad"', 'id="prediction" data-digit=""', 'id="clear"', 'type="file" id="upload"'):
+        assert needle in page
+    assert "http" not in page  # nothing from a CDN: the demo works offline
+    assert client.get("/demo.js").status_code == client.get("/demo.css").status_code == 200
+
+
+# --- bad input: a 4xx with one line, and the server goes on serving --------------------------
+
+def assert_error(response, status: int, *words):
+    assert response.status_code == status, response.text
+    message = response.json()["error"]
+    assert list(response.json()) == ["error"] and "\n" not in message and message
+    for word in words:
+        assert word in message
+
+
+def test_not_an_image(client):
+    """Bytes that are no image get 415 and say so."""
+    assert_error(post(client, b"hello, not a picture", name="notes.txt"), 415, "not")
+
+
+def test_image_with_no_ink(client):
+    """A blank pad gets 422: no digit found."""
+    buffer = io.BytesIO()
+    Image.new("RGBA", (280, 280), (0, 0, 0, 0)).save(buffer, format="PNG")
+    assert_error(post(client, buffer.getvalue()), 422, "no digit")
+
+
+def test_no_image_field(client):
+    """No field `image`, a body that is no form, a broken form or two files: 400 saying what to send."""
+    assert_error(post(client, pad_png(), field="picture"), 400, "image")
+    assert_error(client.post("/predict", data={"image": "text, not a file"}), 400, "image")
+    assert_error(client.post("/predict", content=b"{}", headers={"content-type": "application/json"}), 400, "image")
+    broken = {"content-type": "multipart/form-data; boundary=xyz"}
+    nameless = b"--xyz\r\nContent-Disposition: form-data\r\n\r\nno name"
+    assert_error(client.post("/predict", content=nameless, headers=broken), 400, "multipart/form-data")
+    two = [("image", ("a.png", pad_png())), ("image", ("b.png", pad_png()))]
+    assert_error(client.post("/predict", files=two), 400, "multipart/form-data")
+
+
+def test_body_over_the_size_limit(model):
+    """A body over the limit gets 413, by its Content-Length; one under it is read and classified."""
+    data = pad_png()
+    with TestClient(demo.create_app(model, max_bytes=len(data) + 1000)) as small:
+        assert post(small, data).status_code == 200
+        assert_error(post(small, data + b"\0" * 2000), 413, "limit")
+
+
+def asgi_call(app, headers: dict) -> tuple[int, dict, int]:
+    """POST /predict straight to the ASGI app; return (status, JSON body, how many times it asked for the body)."""
+    reads, sent = [], []
+
+    async def receive():
+        reads.append(1)
+        return {"type": "http.request", "body": b"x" * 1024, "more_body": True}  # an endless body
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/predict", "raw_path": b"/predict", "query_string": b"", "root_path": "",
+             "headers": [(k.encode(), v.encode()) for k, v in headers.items()],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+    asyncio.run(asyncio.wait_for(app(scope, receive, send), timeout=10))
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return sent[0]["status"], json.loads(body), len(reads)
+
+
+def test_oversized_body_is_refused_before_it_is_read(model):
+    """A request announcing 1 GB is refused with 413 without reading any of its body; no length at all gets 411."""
+    app = demo.create_app(model)
+    form = {"content-type": "multipart/form-data; boundary=x"}
+    status, body, reads = asgi_call(app, {**form, "content-length": str(2**30)})
+    assert (status, reads) == (413, 0) and "limit" in body["error"]
+    status, body, reads = asgi_call(app, form)
+    assert (status, reads) == (411, 0) and "Content-Length" in body["error"]
+
+
+def test_pixel_bomb_is_refused_from_its_header(client):
+    """A PNG claiming 60,000x60,000 pixels (and one just over MAX_PIXELS) gets 415 naming the limit, not a decode."""
+    side = int(MAX_PIXELS**0.5) + 1
+    for width, height in ((60_000, 60_000), (side, side)):
+        data = huge_png(width, height)
+        assert len(data) < 100_000
+        assert_error(post(client, data), 415, "megapixel limit")
+    assert post(client, pad_png()).status_code == 200  # and it goes on serving
+
+
+def test_predict_py_refuses_the_pixel_bomb_too(capsys, trained_run, tmp_path):
+    """predict.py gives the same one-line pixel-limit error for the bomb and still classifies the other file."""
+    bomb, good = tmp_path / "bomb.png", tmp_path / "seven.png"
+    bomb.write_bytes(huge_png(60_000, 60_000))
+    good.write_bytes(pad_png())
+    result = call_main(capsys, predict_cli.main, [bomb, good, "--checkpoint", trained_run / "best.pt"])
+    assert result.returncode == 1
+    expected = f"error: {bomb}: more than the 64-megapixel limit; scale the image down"
+    assert result.stderr.strip().splitlines() == [expected]
+    assert result.stdout.startswith(f"{good}: ")
+
+
+# --- the real server -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def server(trained_run):
+    with serve(trained_run / "best.pt") as url:
+        yield url
+
+
+def test_forty_concurrent_requests_all_succeed_with_the_same_answer(server):
+    """40 requests at once to the real server all get 200 and the answer each gets alone: the model is shared safely."""
+    import httpx
+
+    images = [pad_png("7"), pad_png("1"), pad_png("7", transparent=False), pad_png("1", transparent=False)]
+    with httpx.Client(base_url=server, timeout=60) as http:
+        alone = [http.post("/predict", files={"image": ("pad.png", data)}).json() for data in images]
+        with ThreadPoolExecutor(40) as pool:
+            barrier = threading.Barrier(40, timeout=30)
+
+            def one(i):
+                barrier.wait()  # all 40 start together
+                return http.post("/predict", files={"image": ("pad.png", images[i % 4])})
+            responses = list(pool.map(one, range(40)))
+    assert [r.status_code for r in responses] == [200] * 40
+    for i, response in enumerate(responses):
+        assert response.json()["digit"] == alone[i % 4]["digit"]
+        assert np.allclose(response.json()["probabilities"], alone[i % 4]["probabilities"], atol=1e-5)
+
+
+def test_default_checkpoint_is_the_latest_runs_best(trained_run, tmp_path):
+    """Without --checkpoint, demo.py serves runs/<latest>/best.pt from where it is started, as predict.py does."""
+    import httpx
+
+    (tmp_path / "runs" / "mine").mkdir(parents=True)
+    shutil.copy(trained_run / "best.pt", tmp_path / "runs" / "mine" / "best.pt")
+    with serve(None, cwd=tmp_path) as url:
+        served = httpx.post(url + "/predict", files={"image": ("pad.png", pad_png())}, timeout=60).json()
+    model = load_checkpoint(trained_run / "best.pt")[0]
+    expected = predict(model, prepare_digit(pad_png()), prepare=False)[1][0]
+    assert np.allclose(served["probabilities"], expected, atol=1e-5)
+
+
+def test_missing_checkpoint_is_one_error_line(tmp_path):
+    """A checkpoint that is not there: exit 2 with one `error:` line, no traceback, no server."""
+    result = run_cli("demo.py", "--checkpoint", tmp_path / "nowhere.pt", "--port", "0", timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"error: no checkpoint at {tmp_path / 'nowhere.pt'}; "
+                                                  f"train one with `python train.py` or check the path"]
+
+
+def test_port_in_use_is_one_error_line(trained_run):
+    """A port another program holds: exit 2 with one `error:` line naming the port and --port."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli("demo.py", "--checkpoint", trained_run / "best.pt", "--port", port, timeout=60)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: cannot listen on 127.0.0.1:{port}") and "--port" in lines[0]
