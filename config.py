@@ -47,6 +47,13 @@ class Config:
     schedule: str = opt("onecycle", "'onecycle': linear warm-up to lr, then linear decay to 0; 'constant': lr throughout", choices=("onecycle", "constant"))
     warmup: float = opt(0.2, "fraction of all steps spent warming up (onecycle only)", low=0.0, high=1.0)
 
+    # --- augmentation: a random affine per training image (augment.py); evaluation never augments ---
+    augment: bool = opt(True, "warp each training image by its own random rotation, scale, shear and shift (--no-augment: as drawn)")
+    aug_rotate: float = opt(10.0, "largest rotation in degrees, either way", low=0.0, high=180.0)
+    aug_scale: float = opt(0.1, "largest change of size, as a fraction: 0.1 scales by 0.9 to 1.1", low=0.0, high=0.9)
+    aug_shear: float = opt(0.0, "largest horizontal shear in degrees, either way", low=0.0, high=60.0)
+    aug_shift: float = opt(2.0, "largest shift in pixels, along each axis", low=0.0, high=14.0)
+
     # --- run ---
     seed: int = opt(0, "seed for weight initialisation and batch order; same seed, same weights on CPU", low=0)
     device: str = opt("auto", "'auto' picks cuda, then mps, then cpu", choices=("auto", "cpu", "cuda", "mps"))

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import augment
 import config
 import distributed
 import plots
@@ -130,6 +131,7 @@ def train_epoch(model, optimizer, scheduler, scaler, split, cfg, epoch, progress
                disable=None if distributed.is_main() else True)
     for images, labels in split.batches(cfg.batch_size, order, start=step, rank=rank, world=world):
         batch_size = min(cfg.batch_size, len(split) - step * cfg.batch_size)  # the whole batch, over all ranks
+        images = augment.batch(images, cfg, epoch, step, batch_size, rank, world)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=cfg.amp):
             logits = model(images.contiguous(memory_format=MEMORY_FORMAT))
             batch_loss = F.cross_entropy(logits.float(), labels, reduction="sum")
