@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 
 from config import Config
-from data import MNIST_MEAN, MNIST_STD
+from data import normalize
 
-# A black MNIST pixel after data.normalize(). Pixels that come in from outside the image must be this,
-# not 0, which normalize() maps the mean grey to.
-BACKGROUND = -MNIST_MEAN / MNIST_STD
+# A black MNIST pixel after data.normalize() (about -0.42), to the bit, so black stays exactly black.
+# Pixels that come in from outside the image must be this, not 0, which is the mean grey after normalize().
+BACKGROUND = normalize(torch.zeros(1, 1, dtype=torch.uint8)).item()
 SIDE = 28  # MNIST's image side in pixels; affine_grid measures shifts in half-sides
 
 

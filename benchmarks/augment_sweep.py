@@ -1,12 +1,14 @@
 """The sweep behind config.py's augmentation recipe: whole `python train.py` runs, seeds 0-2. Run by hand:
 
     python benchmarks/augment_sweep.py --data-dir ../shared/data --out-dir /tmp/aug-sweep
-    python benchmarks/augment_sweep.py --data-dir ../shared/data --out-dir /tmp/aug-sweep --only e8 old
+    python benchmarks/augment_sweep.py --data-dir ../shared/data --out-dir /tmp/aug-sweep --only e8 old --seeds 0 1
 
 Each recipe is a set of flags on top of the config's defaults, spelled out in full so the table stays
-true when the defaults change. Runs go one after another (the machine is shared: two at once would
-only slow both). A run whose metrics.json already holds a test accuracy is not run again, so the sweep
-can be stopped and started. It prints one row per recipe: test accuracy per seed, median and worst.
+true when the defaults change. Runs go one after another. A run whose metrics.json already holds a test
+accuracy is not run again, so the sweep can be stopped, resumed (train.py --resume in the run's folder)
+and split over several shells with --only and --seeds; a last call with every recipe then only reads.
+It prints one row per recipe: test accuracy per seed, median and worst. Accuracy, not time, is what
+it measures: benchmarks/speed.py --baseline times the chosen recipe against the old one.
 """
 import argparse
 import json
@@ -48,11 +50,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=os.environ.get("MNIST_DATA_DIR", "data"))
     parser.add_argument("--out-dir", type=Path, default=Path("runs/augment-sweep"))
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--only", nargs="+", choices=RECIPES, help="run only these recipes")
     args = parser.parse_args()
     for name in args.only or RECIPES:
-        accs = [run(name, seed, args.data_dir, args.out_dir) for seed in range(args.seeds)]
+        accs = [run(name, seed, args.data_dir, args.out_dir) for seed in args.seeds]
         print(f"{name:<12} {' '.join(f'{a:.2%}' for a in accs)}  median {statistics.median(accs):.2%}  "
               f"worst {min(accs):.2%}  | {' '.join(RECIPES[name])}", flush=True)
 
