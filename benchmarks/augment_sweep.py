@@ -25,13 +25,12 @@ AUG = ["--augment", "--aug-rotate", "10", "--aug-scale", "0.1", "--aug-shear", "
 RECIPES = {  # name: flags; in the order they run, the most telling first
     "old": ["--no-augment", "--epochs", "4", *OLD],  # fd3b740's default recipe
     "e8": ["--epochs", "8", *OLD, *AUG],
-    "e6": ["--epochs", "6", *OLD, *AUG],
-    "e6-wd5e-4": ["--epochs", "6", "--lr", "0.15", "--weight-decay", "5e-4", "--warmup", "0.2", *AUG],
-    "e6-strong": ["--epochs", "6", *OLD, "--augment", "--aug-rotate", "15", "--aug-scale", "0.15", "--aug-shear", "10",
-                  "--aug-shift", "2.5"],
     "e7": ["--epochs", "7", *OLD, *AUG],
+    "e8-shear": ["--epochs", "8", *OLD, *AUG, "--aug-shear", "10"],
     "e8-wd5e-4": ["--epochs", "8", "--lr", "0.15", "--weight-decay", "5e-4", "--warmup", "0.2", *AUG],
-    "e4": ["--epochs", "4", *OLD, *AUG],
+    "e8-strong": ["--epochs", "8", *OLD, "--augment", "--aug-rotate", "15", "--aug-scale", "0.15", "--aug-shear", "10",
+                  "--aug-shift", "3"],
+    "e6": ["--epochs", "6", *OLD, *AUG],
 }
 
 

@@ -105,9 +105,10 @@ def test_a_warped_digit_keeps_its_ink_and_its_centre_moves_at_most_the_shift(cfg
 
 
 def test_no_augment_returns_the_batch_untouched():
-    """With augment off, batch() hands back the very tensor it was given."""
-    images = digits()
+    """With augment off, batch() hands back the very tensor it was given and draws nothing."""
+    images, rng = digits(), torch.get_rng_state()
     assert augment.batch(images, Config(augment=False), 0, 0, len(images)) is images
+    assert torch.equal(torch.get_rng_state(), rng)
 
 
 def test_no_augment_trains_exactly_as_the_loop_without_augmentation(mnist_dir, tmp_path, monkeypatch):
