@@ -5,8 +5,8 @@ seeded by (seed, epoch, step): a pure function of those and the image's place in
 data.epoch_order is of (seed, epoch). Nothing is drawn from the global RNG. So a resumed run warps
 every image as the unbroken run did, and under torchrun each process draws the whole batch's
 parameters and keeps its own share, warping each image as one process would. One affine_grid and
-one grid_sample do the whole batch: no loop over images, no PIL. Only training batches go through
-here; evaluation, predict() and the demo see the images unchanged.
+one grid_sample do the whole batch: no loop over images, no PIL. Only train.py's training step calls
+this; validation, test, evaluate.py and predict() (so everything built on it) see the images unchanged.
 """
 import hashlib
 import math
