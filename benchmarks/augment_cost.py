@@ -45,8 +45,12 @@ def main() -> None:
     args = parser.parse_args()
     cfg = Config(augment=True)
     generator = torch.Generator().manual_seed(0)
-    images = normalize(torch.randint(0, 256, (args.batch_size, 28, 28), dtype=torch.uint8, generator=generator))
+    pixels = torch.randint(0, 256, (args.batch_size * 8, 28, 28), dtype=torch.uint8, generator=generator)
     labels = torch.randint(0, 10, (args.batch_size,), generator=generator)
+
+    def images(step):  # a fresh batch each step, sliced and normalised as MNISTData.batches does
+        first = step % 8 * args.batch_size
+        return normalize(pixels[first:first + args.batch_size])
     model = build_model("cnn")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
 
@@ -57,9 +61,9 @@ def main() -> None:
         optimizer.step()
 
     kinds = {
-        "training step, no augmentation": lambda step: train_step(images),
-        "training step with augment.batch": lambda step: train_step(augment.batch(images, cfg, 0, step, len(images))),
-        "augment.batch alone": lambda step: augment.batch(images, cfg, 0, step, len(images)),
+        "training step, no augmentation": lambda step: train_step(images(step)),
+        "training step with augment.batch": lambda step: train_step(augment.batch(images(step), cfg, 0, step, len(labels))),
+        "augment.batch alone": lambda step: augment.batch(images(step), cfg, 0, step, len(labels)),
     }
     for fn in kinds.values():  # warm-up: oneDNN picks its kernels
         per_batch(fn, 3)
