@@ -62,7 +62,8 @@ def main() -> None:
 
     kinds = {
         "training step, no augmentation": lambda step: train_step(images(step)),
-        "training step with augment.batch": lambda step: train_step(augment.batch(images(step), cfg, 0, step, len(labels))),
+        "training step with augment.batch": lambda step: train_step(
+            augment.batch(images(step), cfg, 0, step, len(labels))),
         "augment.batch alone": lambda step: augment.batch(images(step), cfg, 0, step, len(labels)),
     }
     for fn in kinds.values():  # warm-up: oneDNN picks its kernels

@@ -31,6 +31,7 @@ RECIPES = {  # name: flags; in the order they run, the most telling first
     "e8-strong": ["--epochs", "8", *OLD, "--augment", "--aug-rotate", "15", "--aug-scale", "0.15", "--aug-shear", "10",
                   "--aug-shift", "3"],
     "e8-warmup0.1": ["--epochs", "8", "--lr", "0.15", "--weight-decay", "1.5e-3", "--warmup", "0.1", *AUG],
+    "e8-lr0.1": ["--epochs", "8", "--lr", "0.1", "--weight-decay", "1.5e-3", "--warmup", "0.2", *AUG],
 }
 
 

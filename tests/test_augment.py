@@ -8,7 +8,7 @@ import augment
 import evaluate
 import train
 from config import Config
-from conftest import N_TRAIN, fast_args, needs_real_data, REAL_DATA, run_flags
+from conftest import N_TRAIN, REAL_DATA, fast_args, needs_real_data, run_flags
 from data import MNIST_MEAN, MNIST_STD, load_splits, normalize
 from model import load_checkpoint, predict
 
@@ -55,10 +55,10 @@ def test_the_same_batch_step_and_seed_give_bitwise_the_same_warp_and_leave_the_g
     assert torch.equal(torch.get_rng_state(), rng)
 
 
-@pytest.mark.parametrize("change", [dict(epoch=3), dict(step=6), dict(seed=1)])
+@pytest.mark.parametrize("change", [{"epoch": 3}, {"step": 6}, {"seed": 1}])
 def test_another_epoch_step_or_seed_gets_another_warp(change):
     """Changing the epoch, the step or the seed changes every image's warp."""
-    images, where = digits(), dict(epoch=2, step=5, seed=0)
+    images, where = digits(), {"epoch": 2, "step": 5, "seed": 0}
     a = augment.batch(images, Config(seed=where["seed"]), where["epoch"], where["step"], len(images))
     where.update(change)
     b = augment.batch(images, Config(seed=where["seed"]), where["epoch"], where["step"], len(images))
@@ -76,7 +76,8 @@ def test_the_ranks_shares_put_together_are_the_one_process_batch(whole, world):
     """Each torchrun rank warps its share of a batch (cut as MNISTData.batches cuts it) as one process warps it."""
     images, cfg = digits(whole), Config()
     one = augment.batch(images, cfg, 1, 3, whole)
-    shares = [augment.batch(part, cfg, 1, 3, whole, rank, world) for rank, part in enumerate(images.tensor_split(world))]
+    parts = images.tensor_split(world)
+    shares = [augment.batch(part, cfg, 1, 3, whole, rank, world) for rank, part in enumerate(parts)]
     assert torch.equal(torch.cat(shares), one)
 
 
@@ -135,7 +136,7 @@ def test_only_training_batches_are_augmented(mnist_dir, tmp_path, monkeypatch):
     test = load_splits(mnist_dir, 100, 0, download=False)["test"]
     classes, _ = predict(model, test.images, prepare=False)
     assert len(calls) == 2 * STEPS_PER_EPOCH
-    assert (classes == test.labels).sum().item() / len(classes) == ckpt["test_acc"]  # the plain test images, as training scored
+    assert (classes == test.labels).sum().item() / len(classes) == ckpt["test_acc"]  # plain images, as training scored
 
 
 def test_resume_keeps_the_augmentation_and_refuses_to_change_it(mnist_dir, tmp_path):
