@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import augment
 import config
 import distributed
 import plots
@@ -283,6 +284,7 @@ def train_epoch(state: State, epoch: int, stop_requested) -> dict:
     for images, labels in split.batches(cfg.batch_size, order, start=step, rank=rank, world=world):
         # This rank's share may be empty: the last batch can hold fewer images than there are processes.
         batch_size = min(cfg.batch_size, len(split) - step * cfg.batch_size)  # the whole batch, over all ranks
+        images = augment.batch(images, cfg, epoch, step, batch_size, rank, world)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=cfg.amp):
             logits = state.net(images.contiguous(memory_format=MEMORY_FORMAT))
             batch_loss = F.cross_entropy(logits.float(), labels, reduction="sum")
