@@ -8,6 +8,7 @@ parameters and keeps its own share, warping each image as one process would. One
 one grid_sample do the whole batch: no loop over images, no PIL. Only train.py's training step calls
 this; validation, test, evaluate.py and predict() (so everything built on it) see the images unchanged.
 """
+
 import hashlib
 import math
 
@@ -42,13 +43,16 @@ def affine_matrices(cfg: Config, count: int, epoch: int, step: int) -> torch.Ten
     shift = u[:, 3:5] * cfg.aug_shift * (2 / SIDE)  # pixels -> normalised units, (count, 2) as (x, y)
     cos, sin, tan = angle.cos(), angle.sin(), shear.tan()
     # The digit moves by scale * rotation @ [[1, tan], [0, 1]] (a horizontal shear); this is its inverse.
-    inverse = torch.stack([torch.stack([cos + tan * sin, sin - tan * cos], -1),
-                           torch.stack([-sin, cos], -1)], -2) / scale[:, None, None]  # (count, 2, 2)
+    inverse = (
+        torch.stack([torch.stack([cos + tan * sin, sin - tan * cos], -1), torch.stack([-sin, cos], -1)], -2)
+        / scale[:, None, None]
+    )  # (count, 2, 2)
     return torch.cat([inverse, -(inverse @ shift[:, :, None])], dim=2)  # (count, 2, 3)
 
 
-def batch(images: torch.Tensor, cfg: Config, epoch: int, step: int, whole: int, rank: int = 0,
-          world: int = 1) -> torch.Tensor:
+def batch(
+    images: torch.Tensor, cfg: Config, epoch: int, step: int, whole: int, rank: int = 0, world: int = 1
+) -> torch.Tensor:
     """This rank's share of training batch `step` of `epoch`, each image warped by its own random affine.
 
     `images` is (B, 1, 28, 28), normalised: rank `rank`'s part of a whole batch of `whole` images cut in
@@ -59,5 +63,7 @@ def batch(images: torch.Tensor, cfg: Config, epoch: int, step: int, whole: int, 
     theta = theta.to(device=images.device, dtype=images.dtype)
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     # grid_sample pads with zeros: shift the background to 0 and back, so what comes in is black.
-    return F.grid_sample(images - BACKGROUND, grid, mode="bilinear", padding_mode="zeros",
-                         align_corners=False) + BACKGROUND
+    return (
+        F.grid_sample(images - BACKGROUND, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        + BACKGROUND
+    )

@@ -5,6 +5,7 @@ field for one run from the command line: `--lr 0.05`, `--data-dir ../shared/data
 `--no-nesterov`. The flags are generated from these fields, so there is no second
 list of defaults, and every value is checked before any work starts.
 """
+
 import argparse
 import difflib
 import math
@@ -25,13 +26,19 @@ def opt(default, help, choices=None, low=None, high=None, positive=False):
 @dataclass
 class Config:
     # --- data ---
-    data_dir: str = opt("data", "folder with MNIST's 4 files (.gz or not), loose or in MNIST/raw/ (where a download goes)")
+    data_dir: str = opt(
+        "data", "folder with MNIST's 4 files (.gz or not), loose or in MNIST/raw/ (where a download goes)"
+    )
     download: bool = opt(True, "download MNIST into data_dir when it is missing (--no-download to only read)")
     val_size: int = opt(5000, "training images held out for validation (1 to 59999)", low=1, high=59999)
-    split_seed: int = opt(0, "seed of the train/validation split; fixed so every run validates on the same images", low=0)
+    split_seed: int = opt(
+        0, "seed of the train/validation split; fixed so every run validates on the same images", low=0
+    )
 
     # --- model ---
-    model: str = opt("cnn", "network to train: the post's two-conv 'cnn' or the fully connected 'fcnn'", choices=("cnn", "fcnn"))
+    model: str = opt(
+        "cnn", "network to train: the post's two-conv 'cnn' or the fully connected 'fcnn'", choices=("cnn", "fcnn")
+    )
     fcnn_hidden: int = opt(256, "hidden units of the fcnn baseline (784 -> hidden -> 10)", positive=True)
 
     # --- optimisation ---
@@ -44,34 +51,58 @@ class Config:
     # weight decay 5e-4 gave 99.38%, 99.31%; lr 0.1 99.40%, 99.36%; warm-up 0.1 left seed 0 stuck at 11%
     # (augmented, lr 0.15 needs a slow start: 2 epochs gave 97.2-98.1%, 3 epochs 99.36%).
     epochs: int = opt(8, "passes over the training split", positive=True)
-    batch_size: int = opt(128, "training batch size (the whole batch over all torchrun processes); 128 to 256 is fastest per image on CPU", positive=True)
-    eval_batch_size: int = opt(500, "validation/test batch size; 2000 was no faster and took 33 MB more memory", positive=True)
+    batch_size: int = opt(
+        128,
+        "training batch size (the whole batch over all torchrun processes); 128 to 256 is fastest per image on CPU",
+        positive=True,
+    )
+    eval_batch_size: int = opt(
+        500, "validation/test batch size; 2000 was no faster and took 33 MB more memory", positive=True
+    )
     lr: float = opt(0.15, "peak learning rate of SGD; at batch 128, 0.2 left the CNN stuck at 11%", positive=True)
     momentum: float = opt(0.9, "SGD momentum (0 for plain SGD)", low=0.0, high=0.999)
     nesterov: bool = opt(True, "use Nesterov momentum (needs momentum > 0)")
-    weight_decay: float = opt(1.5e-3, "L2 penalty applied by SGD; 5e-4 and 1e-3 did worse at 2 epochs, 2e-3 and 3e-3 no better", low=0.0)
-    schedule: str = opt("linear", "'linear': linear warm-up to lr, then linear decay to 0; 'constant': lr throughout", choices=("linear", "constant"))
+    weight_decay: float = opt(
+        1.5e-3, "L2 penalty applied by SGD; 5e-4 and 1e-3 did worse at 2 epochs, 2e-3 and 3e-3 no better", low=0.0
+    )
+    schedule: str = opt(
+        "linear",
+        "'linear': linear warm-up to lr, then linear decay to 0; 'constant': lr throughout",
+        choices=("linear", "constant"),
+    )
     warmup: float = opt(0.2, "fraction of all steps spent warming up (linear only)", low=0.0, high=1.0)
 
     # --- augmentation: a random affine per training image (augment.py); evaluation never augments ---
     # Over seeds 0-2 at 8 epochs (median, worst): these amounts 99.44%, 99.34%; with shear 10: 99.40%, 99.34%;
     # rotate 15, scale 0.15, shear 10, shift 3: 99.31%, 99.18%.
-    augment: bool = opt(True, "warp each training image by its own random rotation, scale, shear and shift (--no-augment: as drawn)")
+    augment: bool = opt(
+        True, "warp each training image by its own random rotation, scale, shear and shift (--no-augment: as drawn)"
+    )
     aug_rotate: float = opt(10.0, "largest rotation in degrees, either way", low=0.0, high=180.0)
     aug_scale: float = opt(0.1, "largest change of size, as a fraction: 0.1 scales by 0.9 to 1.1", low=0.0, high=0.9)
     aug_shear: float = opt(0.0, "largest horizontal shear in degrees, either way", low=0.0, high=60.0)
     aug_shift: float = opt(2.0, "largest shift in pixels, along each axis", low=0.0, high=14.0)
 
     # --- run ---
-    seed: int = opt(0, "seed for weight initialisation and batch order; same seed, same weights on CPU with the same threads", low=0)
-    device: str = opt("auto", "'auto': torch's accelerator (cuda, mps, xpu, ...) when there is one, else cpu; or a device type")
+    seed: int = opt(
+        0, "seed for weight initialisation and batch order; same seed, same weights on CPU with the same threads", low=0
+    )
+    device: str = opt(
+        "auto", "'auto': torch's accelerator (cuda, mps, xpu, ...) when there is one, else cpu; or a device type"
+    )
     amp: bool = opt(False, "bfloat16/float16 mixed precision (on an accelerator, not the CPU)")
     compile: bool = opt(False, "torch.compile the model (first epoch pays the compile time)")
     tensorboard: bool = opt(True, "log curves, hyperparameters and test figures for `tensorboard --logdir runs`")
-    log_every: int = opt(50, "optimiser steps between two points of TensorBoard's step/loss and step/lr curves", positive=True)
-    dist_timeout: int = opt(300, "under torchrun: seconds a process waits for the others before it gives up", positive=True)
+    log_every: int = opt(
+        50, "optimiser steps between two points of TensorBoard's step/loss and step/lr curves", positive=True
+    )
+    dist_timeout: int = opt(
+        300, "under torchrun: seconds a process waits for the others before it gives up", positive=True
+    )
     out_dir: str = opt("runs", "folder that holds one sub-folder per run (best.pt, last.pt, metrics.json, curves.png)")
-    run_name: str = opt("", "the run's sub-folder; empty: a new one named by start time and model, or with --resume the latest run")
+    run_name: str = opt(
+        "", "the run's sub-folder; empty: a new one named by start time and model, or with --resume the latest run"
+    )
     resume: bool = opt(False, "continue the run named by --run-name (default: the latest run) from its last.pt")
 
 
@@ -107,11 +138,14 @@ def check_device_type(name: str) -> None:
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError):
-        raise UserError(f"device (--device) must be auto or a device type torch knows, such as cpu, cuda, mps or xpu; "
-                        f"got {name!r}") from None
+        raise UserError(
+            f"device (--device) must be auto or a device type torch knows, such as cpu, cuda, mps or xpu; got {name!r}"
+        ) from None
     if device.index is not None or name != device.type:
-        raise UserError(f"device (--device) takes a device type without an index, such as {device.type!r}; under "
-                        f"torchrun each process takes the index of its LOCAL_RANK (or set CUDA_VISIBLE_DEVICES)")
+        raise UserError(
+            f"device (--device) takes a device type without an index, such as {device.type!r}; under "
+            f"torchrun each process takes the index of its LOCAL_RANK (or set CUDA_VISIBLE_DEVICES)"
+        )
 
 
 KIND_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
@@ -140,7 +174,9 @@ def parse_args(argv=None, base: Config | None = None) -> Config:
     base = base or Config()
     parser = Parser(description="Train a CNN (or the FCNN baseline) on MNIST.", allow_abbrev=False)
     for f in fields(Config):
-        text = f"{f.metadata['help']} (default: {getattr(base, f.name)})".replace("%", "%%")  # argparse formats help with %
+        text = f"{f.metadata['help']} (default: {getattr(base, f.name)})".replace(
+            "%", "%%"
+        )  # argparse formats help with %
         if f.type is bool:
             parser.add_argument(f"--{flag(f.name)}", action=argparse.BooleanOptionalAction, default=MISSING, help=text)
         else:

@@ -4,6 +4,7 @@ The reference post's `mnistData` keeps a Python list of PIL images and converts 
 image per `__getitem__`. Here the same Dataset interface sits on one uint8 tensor per
 split, so training slices whole batches out of memory with no per-sample work.
 """
+
 import contextlib
 import gzip
 import io
@@ -64,7 +65,7 @@ class MNISTData(Dataset):
         With world > 1 processes, each batch of `batch_size` is cut in `world` parts and this yields part
         `rank`: all processes together see the same batches as one process would."""
         for first in range(start * batch_size, len(self), batch_size):
-            index = order[first:first + batch_size].tensor_split(world)[rank]
+            index = order[first : first + batch_size].tensor_split(world)[rank]
             yield normalize(self.images[index]), self.labels[index]
 
 
@@ -84,7 +85,7 @@ def _read_bytes(path: Path) -> memoryview:
         return content.getbuffer()
     with open(path, "rb") as f:
         data = bytearray(os.fstat(f.fileno()).st_size)  # one read straight into the final buffer: no copies
-        return memoryview(data)[:f.readinto(data)]
+        return memoryview(data)[: f.readinto(data)]
 
 
 def read_idx(path: Path, magic: int) -> np.ndarray:
@@ -100,11 +101,12 @@ def read_idx(path: Path, magic: int) -> np.ndarray:
     header_size = 4 + 4 * ndim
     if len(data) < header_size or int.from_bytes(data[:4], "big") != magic:
         raise UserError(f"{path} is not an MNIST IDX file (wrong magic number); delete it and download again")
-    dims = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     expected = header_size + math.prod(dims)
     if len(data) != expected:
-        raise UserError(f"{path} is truncated or corrupt ({len(data)} bytes, header says {expected}); "
-                        f"delete it and download again")
+        raise UserError(
+            f"{path} is truncated or corrupt ({len(data)} bytes, header says {expected}); delete it and download again"
+        )
     if ndim == 3 and dims[1:] != [28, 28]:
         raise UserError(f"{path} holds {dims[1]}x{dims[2]} images, not 28x28 MNIST digits")
     return np.frombuffer(data, dtype=np.uint8, offset=header_size).reshape(dims)
@@ -124,7 +126,9 @@ def find_files(root: Path) -> tuple[dict[str, Path] | None, list[str]]:
         if not missing:
             return found, []
         if len(missing) < len(ALL_FILES):
-            partial.append(f"{folder} holds {len(ALL_FILES) - len(missing)} of the 4 files, missing {', '.join(missing)}")
+            partial.append(
+                f"{folder} holds {len(ALL_FILES) - len(missing)} of the 4 files, missing {', '.join(missing)}"
+            )
     return None, partial
 
 
@@ -141,8 +145,10 @@ def load_split(data_dir: str, train: bool, download: bool) -> tuple[torch.Tensor
     if files is None:
         found = f" ({'; '.join(partial)})" if partial else ""
         if not download:
-            raise UserError(f"MNIST is not in {raw} or {root}{found}; drop --no-download to fetch it, "
-                            f"or put the four IDX files (plain or .gz) in one of them")
+            raise UserError(
+                f"MNIST is not in {raw} or {root}{found}; drop --no-download to fetch it, "
+                f"or put the four IDX files (plain or .gz) in one of them"
+            )
         import torchvision  # only to download
 
         print(f"downloading MNIST into {raw}{found}")
@@ -152,15 +158,19 @@ def load_split(data_dir: str, train: bool, download: bool) -> tuple[torch.Tensor
         except (RuntimeError, OSError) as e:
             # torchvision lists every mirror it tried; its last line holds the last mirror's reason.
             reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-            raise UserError(f"could not download MNIST into {raw} ({reason}); check the network, "
-                            f"or copy the four IDX files (plain or .gz) there or into {root}") from None
+            raise UserError(
+                f"could not download MNIST into {raw} ({reason}); check the network, "
+                f"or copy the four IDX files (plain or .gz) there or into {root}"
+            ) from None
         files, _ = find_files(root)
     images_name, labels_name = RAW_FILES["train" if train else "test"]
     images = read_idx(files[images_name], IDX_IMAGES_MAGIC)
     labels = read_idx(files[labels_name], IDX_LABELS_MAGIC)
     if len(labels) != len(images):
-        raise UserError(f"{files[labels_name]} has {len(labels)} labels for {len(images)} images; "
-                        f"the MNIST files do not belong together")
+        raise UserError(
+            f"{files[labels_name]} has {len(labels)} labels for {len(images)} images; "
+            f"the MNIST files do not belong together"
+        )
     if labels.size and labels.max() > 9:
         raise UserError(f"{files[labels_name]} has labels outside 0-9; it is not MNIST")
     return torch.from_numpy(images), torch.from_numpy(labels).long()

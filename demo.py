@@ -10,7 +10,9 @@ then model.predict. The answer is {"digit", "confidence", "probabilities", "prep
 `prepared` is the 28x28 digit the network saw, as a PNG data URL. Bad input gets a 4xx with
 {"error": "<one line>"} and the server goes on serving.
 """
+
 import base64
+import contextlib
 import io
 import socket
 import sys
@@ -88,8 +90,11 @@ def create_app(model, max_bytes: int = MAX_BYTES):
 def parse_args(argv):
     parser = Parser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--checkpoint", type=Path, help="a best.pt or last.pt (default: the latest run's best.pt)")
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every network)")
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every network)",
+    )
     parser.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0: any free port)")
     return parser.parse_args(argv)
 
@@ -108,8 +113,9 @@ def listen(host: str, port: int) -> socket.socket:
         sock.listen(2048)  # from here on, connections wait in the queue until uvicorn takes them
     except OSError as e:
         sock.close()
-        raise UserError(f"cannot listen on {host}:{port} ({e.strerror or e}); "
-                        f"stop what uses it or pass another --port") from None
+        raise UserError(
+            f"cannot listen on {host}:{port} ({e.strerror or e}); stop what uses it or pass another --port"
+        ) from None
     return sock
 
 
@@ -127,10 +133,8 @@ def main(argv=None) -> int:
     shown = f"[{host}]" if ":" in host else host
     print(f"serving the demo on http://{shown}:{port}  (Ctrl-C stops it)", flush=True)
     server = uvicorn.Server(uvicorn.Config(create_app(model), log_level="warning"))
-    try:  # uvicorn finishes the requests under way on Ctrl-C, then raises the signal again
+    with contextlib.suppress(KeyboardInterrupt):  # uvicorn finishes the requests under way on Ctrl-C, then re-raises it
         server.run(sockets=[sock])
-    except KeyboardInterrupt:
-        pass
     print("stopped", flush=True)
     return 0
 

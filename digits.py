@@ -5,6 +5,7 @@ centred by centre of mass in 28x28. A photo is dark ink on light paper, of any s
 with uneven light and noise. A model trained on MNIST sees the photo the way it was trained
 only after the same steps, so predict.py, model.predict() and the notebook all call this.
 """
+
 import io
 
 import numpy as np
@@ -32,8 +33,10 @@ def load_image(source) -> Image.Image:
     try:
         image = Image.open(source)  # reads only the header: the size is known before any pixel is decoded
         if image.width * image.height > MAX_PIXELS:
-            raise ValueError(f"{image.width}x{image.height} pixels is more than the {MAX_PIXELS // 10**6}-megapixel "
-                             f"limit; scale the image down")
+            raise ValueError(
+                f"{image.width}x{image.height} pixels is more than the {MAX_PIXELS // 10**6}-megapixel "
+                f"limit; scale the image down"
+            )
         image.load()
     except Image.DecompressionBombError:  # PIL's own, larger limit trips inside open() for the very largest
         raise ValueError(f"more than the {MAX_PIXELS // 10**6}-megapixel limit; scale the image down") from None
@@ -78,12 +81,17 @@ def remove_uneven_background(x: np.ndarray, blocks: int = 8) -> np.ndarray:
     spread back over the image. Follows light that falls off in any shape, not only a plane."""
     h, w = x.shape
     edges_r, edges_c = np.linspace(0, h, blocks + 1).astype(int), np.linspace(0, w, blocks + 1).astype(int)
-    grid = np.array([[np.percentile(x[edges_r[i]:edges_r[i + 1], edges_c[j]:edges_c[j + 1]], 10)
-                      for j in range(blocks)] for i in range(blocks)], dtype=np.float32)
+    grid = np.array(
+        [
+            [np.percentile(x[edges_r[i] : edges_r[i + 1], edges_c[j] : edges_c[j + 1]], 10) for j in range(blocks)]
+            for i in range(blocks)
+        ],
+        dtype=np.float32,
+    )
     padded = np.pad(grid, 1, mode="edge")
-    grid = np.min([padded[i:i + blocks, j:j + blocks] for i in range(3) for j in range(3)], axis=0)
+    grid = np.min([padded[i : i + blocks, j : j + blocks] for i in range(3) for j in range(3)], axis=0)
     padded = np.pad(grid, 1, mode="edge")
-    grid = np.mean([padded[i:i + blocks, j:j + blocks] for i in range(3) for j in range(3)], axis=0)
+    grid = np.mean([padded[i : i + blocks, j : j + blocks] for i in range(3) for j in range(3)], axis=0)
     background = np.asarray(Image.fromarray(grid.astype(np.float32)).resize((w, h), Image.Resampling.BILINEAR))
     return np.clip(x - background, 0, None)
 
@@ -109,10 +117,10 @@ def fit_to_mnist(ink: np.ndarray) -> np.ndarray:
     total = small.sum()
     rows, cols = np.indices(small.shape)
     cy, cx = (rows * small).sum() / total, (cols * small).sum() / total
-    top, left = int(round(14 - cy)), int(round(14 - cx))
+    top, left = round(14 - cy), round(14 - cx)
     top, left = min(max(top, 0), 28 - small.shape[0]), min(max(left, 0), 28 - small.shape[1])
     out = np.zeros((28, 28), dtype=np.float32)
-    out[top:top + small.shape[0], left:left + small.shape[1]] = small
+    out[top : top + small.shape[0], left : left + small.shape[1]] = small
     return out
 
 
@@ -146,10 +154,16 @@ def prepare_digit(source) -> np.ndarray:
     level = INK_LEVEL if small else max(INK_LEVEL, otsu(x))  # Otsu: the level that best splits ink from the rest
     mask = x > level
     if not small:  # the bounding box from an opened mask, so that a stray speck does not widen it
-        opened = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255)
-                            .filter(ImageFilter.MinFilter(3)).filter(ImageFilter.MaxFilter(3))) > 0
+        opened = (
+            np.asarray(
+                Image.fromarray(mask.astype(np.uint8) * 255)
+                .filter(ImageFilter.MinFilter(3))
+                .filter(ImageFilter.MaxFilter(3))
+            )
+            > 0
+        )
         mask = opened if opened.any() else mask
     rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    ink = np.where(x > level / 2, x, 0)[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    ink = np.where(x > level / 2, x, 0)[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
     digit = fit_to_mnist(ink)
     return (digit / max(digit.max(), 1e-6) * 255).round().astype(np.uint8)

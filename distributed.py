@@ -8,6 +8,7 @@ the one process of a world of size 1, and nothing here communicates. Rank 0 is t
 prints, writes files and decides what the others learn through `from_main`. Every collective has
 the process group's timeout, so a lost process ends the others with an error, not a hang.
 """
+
 import contextlib
 import datetime
 import os
@@ -90,8 +91,7 @@ def process_group(timeout_seconds: int):
     # torch 2.14 and gloo; pytorch/pytorch#135712 describes the same for NCCL).
     store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
     store = dist.PrefixStore(f"mnist-train/restart-{restarts()}", store)
-    dist.init_process_group(group_backend(), store=store, rank=rank(), world_size=world_size(),
-                            timeout=timeout)
+    dist.init_process_group(group_backend(), store=store, rank=rank(), world_size=world_size(), timeout=timeout)
     try:
         yield
         # Leave together. Ranks other than 0 finish first (rank 0 alone runs the test), and one that tore its

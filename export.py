@@ -10,6 +10,7 @@ The normalisation is inside the graph and N is free. Before a file is written, i
 set (or on a fixed batch of printed digits when the data is not there) and its logits are compared with the
 checkpoint's; a file that disagrees is not written.
 """
+
 import hashlib
 import importlib
 import io
@@ -54,19 +55,24 @@ def require(fmt: str) -> None:
         try:
             importlib.import_module(name)
         except ImportError:
-            raise UserError(f"exporting to {fmt} needs the {name} package: pip install {name} "
-                            f"(or pip install -r requirements.txt)") from None
+            raise UserError(
+                f"exporting to {fmt} needs the {name} package: pip install {name} (or pip install -r requirements.txt)"
+            ) from None
 
 
 def metadata(path: Path, ckpt: dict, mean: float, std: float) -> dict[str, str]:
     """What a user of the file needs to know, as strings: ONNX metadata_props and the .pt2's metadata.json."""
     test_acc = ckpt.get("test_acc")
     return {
-        "input": INPUT, "output": OUTPUT,
+        "input": INPUT,
+        "output": OUTPUT,
         "normalization": f"inside the graph: (pixels - {mean}) / {std}",
-        "normalization_mean": str(mean), "normalization_std": str(std),
-        "model": ckpt["model_name"], "test_accuracy": "unknown" if test_acc is None else f"{test_acc:.4f}",
-        "checkpoint": path.name, "checkpoint_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        "normalization_mean": str(mean),
+        "normalization_std": str(std),
+        "model": ckpt["model_name"],
+        "test_accuracy": "unknown" if test_acc is None else f"{test_acc:.4f}",
+        "checkpoint": path.name,
+        "checkpoint_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
         "torch_version": torch.__version__,
     }
 
@@ -74,9 +80,16 @@ def metadata(path: Path, ckpt: dict, mean: float, std: float) -> dict[str, str]:
 def export_onnx(wrapped: nn.Module, meta: dict[str, str]) -> bytes:
     """The ONNX file's bytes, from torch.onnx's dynamo exporter, with a free batch size and `meta` attached."""
     example = torch.rand(2, 1, 28, 28)
-    program = torch.onnx.export(wrapped, (example,), dynamo=True, opset_version=OPSET, verbose=False,
-                                input_names=["pixels"], output_names=["logits"],
-                                dynamic_shapes={"pixels": {0: torch.export.Dim("batch", min=1)}})
+    program = torch.onnx.export(
+        wrapped,
+        (example,),
+        dynamo=True,
+        opset_version=OPSET,
+        verbose=False,
+        input_names=["pixels"],
+        output_names=["logits"],
+        dynamic_shapes={"pixels": {0: torch.export.Dim("batch", min=1)}},
+    )
     proto = program.model_proto
     for key, value in meta.items():
         entry = proto.metadata_props.add()
@@ -87,10 +100,13 @@ def export_onnx(wrapped: nn.Module, meta: dict[str, str]) -> bytes:
 
 def export_pt2(wrapped: nn.Module, meta: dict[str, str]) -> bytes:
     """The .pt2 file's bytes, from torch.export, with a free batch size and `meta` as metadata.json inside."""
-    program = torch.export.export(wrapped, (torch.rand(2, 1, 28, 28),),
-                                  dynamic_shapes={"pixels": {0: torch.export.Dim("batch", min=1)}})
+    program = torch.export.export(
+        wrapped, (torch.rand(2, 1, 28, 28),), dynamic_shapes={"pixels": {0: torch.export.Dim("batch", min=1)}}
+    )
     buffer = io.BytesIO()
-    with warnings.catch_warnings():  # "No complete tensor found in the group": about weights off the CPU; ours are on it
+    with (
+        warnings.catch_warnings()
+    ):  # "No complete tensor found in the group": about weights off the CPU; ours are on it
         warnings.simplefilter("ignore", UserWarning)
         torch.export.save(program, buffer, extra_files={"metadata.json": json.dumps(meta, indent=1)})
     return buffer.getvalue()
@@ -159,7 +175,9 @@ def check_writable(path: Path, checkpoint: Path) -> None:
     if path.resolve() == checkpoint.resolve():
         raise UserError(f"--out {path} would overwrite the checkpoint; pass another file name")
     if path.is_dir():
-        raise UserError(f"cannot write {path}: it is a folder; pass --out with a file name such as {path / 'best.onnx'}")
+        raise UserError(
+            f"cannot write {path}: it is a folder; pass --out with a file name such as {path / 'best.onnx'}"
+        )
     probe = path.with_name(f".{path.name}.tmp")
     try:
         probe.open("wb").close()
@@ -170,12 +188,21 @@ def check_writable(path: Path, checkpoint: Path) -> None:
 
 def parse_args(argv):
     parser = Parser(description=__doc__.splitlines()[0], allow_abbrev=False)
-    parser.add_argument("checkpoint", nargs="?", type=Path, help="a best.pt or last.pt (default: the latest run's best.pt)")
+    parser.add_argument(
+        "checkpoint", nargs="?", type=Path, help="a best.pt or last.pt (default: the latest run's best.pt)"
+    )
     parser.add_argument("--format", choices=(*FORMATS, "all"), default="all", help="what to write (default: all)")
-    parser.add_argument("--out", type=Path, help="the file to write (default: beside the checkpoint, best.onnx and "
-                                                 "best.pt2); with --format all its suffix becomes .onnx and .pt2")
-    parser.add_argument("--data-dir", help="folder holding MNIST/raw/ to verify on; never downloads "
-                                           "(default: the checkpoint's data_dir, else config.py's)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="the file to write (default: beside the checkpoint, best.onnx and "
+        "best.pt2); with --format all its suffix becomes .onnx and .pt2",
+    )
+    parser.add_argument(
+        "--data-dir",
+        help="folder holding MNIST/raw/ to verify on; never downloads "
+        "(default: the checkpoint's data_dir, else config.py's)",
+    )
     return parser.parse_args(argv)
 
 
@@ -193,7 +220,9 @@ def main(argv=None) -> int:
         norm = ckpt.get("normalization", {"mean": MNIST_MEAN, "std": MNIST_STD})
         wrapped = Exported(model, norm["mean"], norm["std"]).eval()
         meta = metadata(checkpoint, ckpt, norm["mean"], norm["std"])
-        images, labels, source = test_images(args.data_dir or ckpt.get("config", {}).get("data_dir") or Config().data_dir)
+        images, labels, source = test_images(
+            args.data_dir or ckpt.get("config", {}).get("data_dir") or Config().data_dir
+        )
         reference = model_logits(model, images)  # the checkpoint as the project runs it: uint8 pixels, normalize()
         pixels = (images.unsqueeze(1).float() / 255).numpy()  # what ToTensor gives
         print(f"checkpoint: {checkpoint} ({ckpt['model_name']}, sha256 {meta['checkpoint_sha256'][:12]}...)")
@@ -202,11 +231,15 @@ def main(argv=None) -> int:
             data = EXPORT[fmt](wrapped, meta)
             logits = RUN[fmt](data, pixels)
             difference = (logits - reference).abs().max().item()
-            print(f"{fmt:<5} max |logit difference| {difference:.1e} (tolerance {TOLERANCE:.0e}), "
-                  f"accuracy {accuracy(logits, labels):.2%}")
+            print(
+                f"{fmt:<5} max |logit difference| {difference:.1e} (tolerance {TOLERANCE:.0e}), "
+                f"accuracy {accuracy(logits, labels):.2%}"
+            )
             if not difference <= TOLERANCE:  # also catches NaN
-                raise UserError(f"the exported {fmt} model's logits differ from the checkpoint's by {difference:.2e}, "
-                                f"more than {TOLERANCE:.0e}; {path} was not written")
+                raise UserError(
+                    f"the exported {fmt} model's logits differ from the checkpoint's by {difference:.2e}, "
+                    f"more than {TOLERANCE:.0e}; {path} was not written"
+                )
             atomic_write(path, data)  # only a verified file is written, and never half of one
             print(f"wrote {path} ({len(data) / 1e3:.0f} kB)")
         return 0

@@ -1,4 +1,5 @@
 """The numbers that training, evaluation and the logs all compute from logits, in one place."""
+
 import torch
 import torch.nn.functional as F
 

@@ -1,10 +1,11 @@
 """The networks, the one checkpoint loader, and predict() for notebooks.
 
-    from model import load_checkpoint, predict
-    from rundir import latest_checkpoint
-    model, ckpt = load_checkpoint(latest_checkpoint())   # the latest run's best.pt, in eval mode, on CPU
-    classes, probs = predict(model, ["photo.jpg"])       # files, PIL images, arrays or tensors of any size
+from model import load_checkpoint, predict
+from rundir import latest_checkpoint
+model, ckpt = load_checkpoint(latest_checkpoint())   # the latest run's best.pt, in eval mode, on CPU
+classes, probs = predict(model, ["photo.jpg"])       # files, PIL images, arrays or tensors of any size
 """
+
 import io
 import pickle
 import re
@@ -30,10 +31,10 @@ class CNN(nn.Module):
         self.conv2 = nn.Conv2d(10, 20, kernel_size=5)
         self.fc = nn.Linear(320, 10)
 
-    def forward(self, x):                                # (B, 1, 28, 28)
-        x = F.relu(F.max_pool2d(self.conv1(x), 2))      # (B, 10, 12, 12)
-        x = F.relu(F.max_pool2d(self.conv2(x), 2))      # (B, 20, 4, 4)
-        return self.fc(x.flatten(1))                     # (B, 10) logits
+    def forward(self, x):  # (B, 1, 28, 28)
+        x = F.relu(F.max_pool2d(self.conv1(x), 2))  # (B, 10, 12, 12)
+        x = F.relu(F.max_pool2d(self.conv2(x), 2))  # (B, 20, 4, 4)
+        return self.fc(x.flatten(1))  # (B, 10) logits
 
 
 class FCNN(nn.Module):
@@ -44,7 +45,7 @@ class FCNN(nn.Module):
         self.fc1 = nn.Linear(28 * 28, hidden)
         self.fc2 = nn.Linear(hidden, 10)
 
-    def forward(self, x):                                # (B, 1, 28, 28)
+    def forward(self, x):  # (B, 1, 28, 28)
         return self.fc2(F.relu(self.fc1(x.flatten(1))))  # (B, 10) logits
 
 
@@ -67,6 +68,7 @@ def count_parameters(model: nn.Module) -> int:
 
 
 # --- checkpoints -----------------------------------------------------------------
+
 
 def to_cpu(value):
     """A copy of a (nested) state dict with every tensor on the CPU, so the file loads on any machine."""
@@ -96,11 +98,15 @@ def read_checkpoint(path, device="cpu") -> dict:
     except Exception as e:  # garbage bytes make the unpickler fail in many ways (KeyError, EOFError, ...)
         wanted = re.search(r"GLOBAL (\S+)", str(e))  # a class or function the file wants to call while loading
         if isinstance(e, pickle.UnpicklingError) and wanted:
-            raise UserError(f"refused to load {path}: it would call {wanted[1]} while loading, which could run code; "
-                            f"checkpoints hold only tensors and plain values") from None
+            raise UserError(
+                f"refused to load {path}: it would call {wanted[1]} while loading, which could run code; "
+                f"checkpoints hold only tensors and plain values"
+            ) from None
         raise UserError(f"{path} is not a readable checkpoint: truncated, damaged or not a torch file") from None
     if not isinstance(ckpt, dict) or not {"model", "model_name", "model_args"} <= ckpt.keys():
-        raise UserError(f"{path} is a torch file but not a checkpoint of this project (no model, model_name, model_args)")
+        raise UserError(
+            f"{path} is a torch file but not a checkpoint of this project (no model, model_name, model_args)"
+        )
     return ckpt
 
 
@@ -122,6 +128,7 @@ def rebuild_model(ckpt: dict, path) -> nn.Module:
 
 
 # --- inference ---------------------------------------------------------------------
+
 
 def _as_uint8_batch(images) -> torch.Tensor:
     """PIL image(s), uint8 array(s) or tensor(s) of 28x28 digits -> uint8 tensor (N, 28, 28)."""
@@ -147,10 +154,12 @@ def model_logits(model: nn.Module, pixels: torch.Tensor, batch_size: int = 500) 
     """float32 logits (N, 10), on the model's device, of uint8 digits (N, 28, 28) normalised as in training."""
     model.eval()
     device = next(model.parameters()).device
-    return torch.cat([  # range(0, N, batch) is empty for N = 0, so one batch always runs: (0, 10) for no images
-        model(normalize(pixels[i:i + batch_size].to(device)).contiguous(memory_format=MEMORY_FORMAT)).float()
-        for i in range(0, max(len(pixels), 1), batch_size)
-    ])
+    return torch.cat(
+        [  # range(0, N, batch) is empty for N = 0, so one batch always runs: (0, 10) for no images
+            model(normalize(pixels[i : i + batch_size].to(device)).contiguous(memory_format=MEMORY_FORMAT)).float()
+            for i in range(0, max(len(pixels), 1), batch_size)
+        ]
+    )
 
 
 def predict(model: nn.Module, images, batch_size: int = 500, prepare: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,8 +195,10 @@ def _one_by_one(images) -> list:
     if images.ndim == 2 or (images.ndim == 3 and shape[-1] in COLOUR):
         return [images]
     if images.ndim == 3 and shape[0] in COLOUR:
-        raise ValueError(f"predict() cannot tell whether shape {shape} is {shape[0]} grey images or one colour image "
-                         f"with its channels first; pass ({shape[0]}, 1, H, W) for the one, (H, W, {shape[0]}) for the other")
+        raise ValueError(
+            f"predict() cannot tell whether shape {shape} is {shape[0]} grey images or one colour image "
+            f"with its channels first; pass ({shape[0]}, 1, H, W) for the one, (H, W, {shape[0]}) for the other"
+        )
     if images.ndim == 3:
         return list(images)  # (N, H, W)
     if images.ndim == 4 and shape[1] == 1:
@@ -196,5 +207,7 @@ def _one_by_one(images) -> list:
         return list(images)  # (N, H, W, C)
     if images.ndim == 4 and shape[1] in COLOUR:
         return list(images.transpose(0, 2, 3, 1))  # (N, C, H, W), as torchvision batches colour images
-    raise ValueError(f"predict() takes one image (H, W) or (H, W, C), a list of images, or a batch (N, H, W), "
-                     f"(N, 1, H, W), (N, H, W, C) or (N, C, H, W) with C = 3 or 4; not shape {shape}")
+    raise ValueError(
+        f"predict() takes one image (H, W) or (H, W, C), a list of images, or a batch (N, H, W), "
+        f"(N, 1, H, W), (N, H, W, C) or (N, C, H, W) with C = 3 or 4; not shape {shape}"
+    )

@@ -7,6 +7,7 @@ The figures are matplotlib `Figure` objects, not pyplot's: they need no backend 
 importing this module leaves the caller's backend alone (a notebook keeps its inline figures), and
 pyplot never holds on to them, so there is nothing to close.
 """
+
 import io
 from pathlib import Path
 
@@ -34,8 +35,12 @@ def plot_curves(histories: dict[str, list[dict]], path) -> Path:
         epochs = [row["epoch"] for row in history]
         colour = f"C{i}"
         for ax, key, scale in ((loss_ax, "loss", 1), (acc_ax, "acc", 100)):
-            ax.plot(epochs, [row[f"train_{key}"] * scale for row in history], "--", color=colour, label=f"{label} train")
-            ax.plot(epochs, [row[f"val_{key}"] * scale for row in history], "-o", color=colour, ms=3, label=f"{label} val")
+            ax.plot(
+                epochs, [row[f"train_{key}"] * scale for row in history], "--", color=colour, label=f"{label} train"
+            )
+            ax.plot(
+                epochs, [row[f"val_{key}"] * scale for row in history], "-o", color=colour, ms=3, label=f"{label} val"
+            )
     loss_ax.set(title="Cross-entropy loss", xlabel="epoch", ylabel="loss", yscale="log")
     acc_ax.set(title="Accuracy", xlabel="epoch", ylabel="accuracy (%)")
     for ax in (loss_ax, acc_ax):
@@ -59,8 +64,9 @@ def confusion_figure(matrix: np.ndarray, title: str):
     image = ax.imshow(np.log10(np.maximum(rates, 1e-4)), cmap="Blues", vmin=-4, vmax=0)
     for (t, p), count in np.ndenumerate(matrix):
         if count:
-            ax.text(p, t, str(count), ha="center", va="center", fontsize=7,
-                    color="white" if rates[t, p] > 0.1 else "black")
+            ax.text(
+                p, t, str(count), ha="center", va="center", fontsize=7, color="white" if rates[t, p] > 0.1 else "black"
+            )
     ax.set(title=title, xlabel="predicted digit", ylabel="true digit", xticks=range(10), yticks=range(10))
     bar = fig.colorbar(image, ax=ax, ticks=[-4, -3, -2, -1, 0])
     bar.ax.set_yticklabels(["0.01%", "0.1%", "1%", "10%", "100%"])
@@ -84,9 +90,15 @@ def mistakes_figure(images, true, predicted, confidence, title: str, count: int 
     ax = fig.subplots()
     for k, i in enumerate(worst):
         top, left = (k // cols) * cell, (k % cols) * 32 + 2
-        sheet[top:top + 28, left:left + 28] = np.asarray(images[i])
-        ax.text(left + 14, top + 29, f"true {true[i]}, said {predicted[i]}\n{confidence[i]:.1%} sure",
-                ha="center", va="top", fontsize=7)
+        sheet[top : top + 28, left : left + 28] = np.asarray(images[i])
+        ax.text(
+            left + 14,
+            top + 29,
+            f"true {true[i]}, said {predicted[i]}\n{confidence[i]:.1%} sure",
+            ha="center",
+            va="top",
+            fontsize=7,
+        )
     ax.imshow(sheet, cmap="gray_r", vmin=0, vmax=255)
     ax.axis("off")
     ax.set_title(f"{title}: {len(wrong)} mistakes, the {len(worst)} most confident", fontsize=10)

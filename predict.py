@@ -8,6 +8,7 @@ polarity, background and noise removed, fitted into 20x20 and centred by centre 
 A file that cannot be classified gets one line on stderr and the others are still classified;
 the exit code is 0 when every file was classified and 1 when any failed.
 """
+
 import json
 import sys
 from pathlib import Path
@@ -34,8 +35,11 @@ def parse_args(argv):
     parser = Parser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("images", nargs="+", help="image files: JPEG, PNG or anything PIL reads, any size")
     parser.add_argument("--checkpoint", type=Path, help="a best.pt or last.pt (default: the latest run's best.pt)")
-    parser.add_argument("--json", action="store_true",
-                        help="print one JSON list of {path, digit, confidence, probabilities} instead of lines")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON list of {path, digit, confidence, probabilities} instead of lines",
+    )
     return parser.parse_args(argv)
 
 
@@ -55,8 +59,14 @@ def main(argv=None) -> int:
             failed += 1
             continue
         probs = predict(model, digit, prepare=False)[1][0].tolist()
-        results.append({"path": path, "digit": max(range(10), key=probs.__getitem__),
-                        "confidence": max(probs), "probabilities": probs})
+        results.append(
+            {
+                "path": path,
+                "digit": max(range(10), key=probs.__getitem__),
+                "confidence": max(probs),
+                "probabilities": probs,
+            }
+        )
         if not args.json:
             print(describe(path, probs), flush=True)
     if args.json:

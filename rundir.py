@@ -11,6 +11,7 @@ after kill -9. "The latest run" is the one that saved a checkpoint last:
     from rundir import latest_checkpoint
     latest_checkpoint()                  # Path('runs/20261130-150944-fcnn/best.pt')
 """
+
 import contextlib
 import os
 import socket
@@ -71,8 +72,10 @@ def new_run_dir(out_dir, run_name: str, model: str) -> Path:
             path = root / run_name
             path.mkdir(exist_ok=True)
             if any((path / name).exists() for name in RUN_FILES):
-                raise UserError(f"run {path} already exists; continue it with --run-name {run_name} --resume, "
-                                f"or start a new one with another --run-name (or none)")
+                raise UserError(
+                    f"run {path} already exists; continue it with --run-name {run_name} --resume, "
+                    f"or start a new one with another --run-name (or none)"
+                )
             return path
         # mkdir without exist_ok is atomic: two runs started in the same second get -2, -3, ...
         stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -82,7 +85,9 @@ def new_run_dir(out_dir, run_name: str, model: str) -> Path:
                 path.mkdir()
                 return path
     except OSError as e:
-        raise UserError(f"cannot write to out dir {root} ({e.strerror}); pass --out-dir with a writable folder") from None
+        raise UserError(
+            f"cannot write to out dir {root} ({e.strerror}); pass --out-dir with a writable folder"
+        ) from None
     raise UserError(f"could not find a free run name in {root} for {stamp}-{model}")
 
 
@@ -107,10 +112,13 @@ def find_run(out_dir, run_name: str) -> Path:
     if not (path / "last.pt").is_file():
         owner = writer_of(path)
         if owner:  # a run still before its first save: that is the true story, not "nothing to resume"
-            raise UserError(f"run {path} is being written by {owner} and has no last.pt yet; wait for it to end, "
-                            f"or start a new run")
-        raise UserError(f"nothing to resume: no {path / 'last.pt'}; check --run-name and --out-dir "
-                        f"(ls {out_dir}/ lists the runs), or run without --resume to start a new one")
+            raise UserError(
+                f"run {path} is being written by {owner} and has no last.pt yet; wait for it to end, or start a new run"
+            )
+        raise UserError(
+            f"nothing to resume: no {path / 'last.pt'}; check --run-name and --out-dir "
+            f"(ls {out_dir}/ lists the runs), or run without --resume to start a new one"
+        )
     return path
 
 
@@ -150,12 +158,16 @@ def locked(run_dir: Path):
         owner = _read(run_dir / OWNER) or "another process"
         raise UserError(f"run {run_dir} is being written by {owner}; wait for it to end, or start a new run") from None
     except OSError as e:
-        raise UserError(f"cannot write to run folder {run_dir} ({e.strerror}); pass --out-dir with a writable folder") from None
+        raise UserError(
+            f"cannot write to run folder {run_dir} ({e.strerror}); pass --out-dir with a writable folder"
+        ) from None
     try:
         try:
             (run_dir / OWNER).write_text(f"train.py with PID {os.getpid()} on {socket.gethostname()}\n")
         except OSError as e:
-            raise UserError(f"cannot write to run folder {run_dir} ({e.strerror}); pass --out-dir with a writable folder") from None
+            raise UserError(
+                f"cannot write to run folder {run_dir} ({e.strerror}); pass --out-dir with a writable folder"
+            ) from None
         yield run_dir
     finally:
         lock.release()

@@ -11,6 +11,7 @@ train_epochs() runs the epoch loop (validation and checkpoints every epoch); fin
 model once. Under torchrun every process runs this same code on its share of each batch, and rank 0
 alone prints and writes (distributed.py); one process is the case world_size == 1.
 """
+
 import contextlib
 import json
 import math
@@ -36,14 +37,35 @@ from data import MNIST_MEAN, MNIST_STD, MNISTData, epoch_order, load_splits
 from devices import amp_dtype, pick_device
 from distributed import print0
 from metrics import scores
-from model import (MEMORY_FORMAT, build_model, count_parameters, load_checkpoint, model_logits, read_checkpoint,
-                   rebuild_model, save_checkpoint)
+from model import (
+    MEMORY_FORMAT,
+    build_model,
+    count_parameters,
+    load_checkpoint,
+    model_logits,
+    read_checkpoint,
+    rebuild_model,
+    save_checkpoint,
+)
 from rundir import atomic_write
 
 # Settings that --resume may change: they say where things are, how far to go, or how fast,
 # not what is learned. Any other difference from the saved run is refused.
-RESUMABLE_CHANGES = {"data_dir", "download", "out_dir", "run_name", "epochs", "eval_batch_size", "device", "amp",
-                     "compile", "resume", "tensorboard", "log_every", "dist_timeout"}
+RESUMABLE_CHANGES = {
+    "data_dir",
+    "download",
+    "out_dir",
+    "run_name",
+    "epochs",
+    "eval_batch_size",
+    "device",
+    "amp",
+    "compile",
+    "resume",
+    "tensorboard",
+    "log_every",
+    "dist_timeout",
+}
 
 
 class Diverged(UserError):
@@ -53,12 +75,13 @@ class Diverged(UserError):
 @dataclass
 class State:
     """Everything the epoch loop works on, built by setup(): one object instead of ten arguments."""
+
     cfg: Config
     run_dir: Path
     device: torch.device
     splits: dict[str, MNISTData]
     model: torch.nn.Module  # what checkpoints are saved from: never the DDP or compiled wrapper
-    net: torch.nn.Module    # what trains: the model, wrapped for DDP and torch.compile as configured
+    net: torch.nn.Module  # what trains: the model, wrapped for DDP and torch.compile as configured
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
@@ -108,8 +131,10 @@ def resume_point(cfg: Config, argv) -> tuple[Config, dict | None]:
     best = run_dir / "best.pt"
     finished = saved["epoch"] >= cfg.epochs and best.is_file() and "test_acc" in read_checkpoint(best)
     if finished and not distributed.restarts():  # a restarted group finishes its job again, to end with exit code 0
-        raise UserError(f"run {run_dir} is finished: it trained all {saved['epoch']} epochs and was tested; to train "
-                        f"on, add --epochs N with N > {saved['epoch']} (the schedule stretches to the new end)")
+        raise UserError(
+            f"run {run_dir} is finished: it trained all {saved['epoch']} epochs and was tested; to train "
+            f"on, add --epochs N with N > {saved['epoch']} (the schedule stretches to the new end)"
+        )
     return cfg, saved
 
 
@@ -122,11 +147,16 @@ def resume_config(saved: dict, argv) -> Config:
     except (TypeError, UserError) as e:
         raise UserError(f"last.pt holds a config this version cannot use ({e}); start a new run instead") from None
     cfg = config.parse_args(argv, base=base)
-    changed = [f.name for f in fields(Config)
-               if f.name not in RESUMABLE_CHANGES and getattr(cfg, f.name) != getattr(base, f.name)]
+    changed = [
+        f.name
+        for f in fields(Config)
+        if f.name not in RESUMABLE_CHANGES and getattr(cfg, f.name) != getattr(base, f.name)
+    ]
     if changed:
         diffs = ", ".join(f"{n} {getattr(base, n)!r} -> {getattr(cfg, n)!r}" for n in changed)
-        raise UserError(f"cannot resume: the saved run differs in {diffs}; drop those flags, or start a new run without --resume")
+        raise UserError(
+            f"cannot resume: the saved run differs in {diffs}; drop those flags, or start a new run without --resume"
+        )
     return cfg
 
 
@@ -138,6 +168,7 @@ def run(cfg: Config, saved: dict | None = None, stop_requested=lambda: False) ->
     """
     device = pick_device(cfg.device)
     with contextlib.ExitStack() as held:
+
         def claim() -> Path:
             # A worker lost before this job's first last.pt leaves a folder (maybe with a best.pt): its restart
             # starts again in that folder, its own, rather than be refused as another run's.
@@ -155,7 +186,9 @@ def run(cfg: Config, saved: dict | None = None, stop_requested=lambda: False) ->
         run_dir = distributed.from_main(claim)
         cfg = replace(cfg, out_dir=str(run_dir.parent), run_name=run_dir.name)
         last_step = saved["scheduler"]["last_epoch"] if saved else None  # optimiser steps the saved state has taken
-        writer = held.enter_context(contextlib.closing(tblog.open_writer(cfg, run_dir, last_step, distributed.is_main())))
+        writer = held.enter_context(
+            contextlib.closing(tblog.open_writer(cfg, run_dir, last_step, distributed.is_main()))
+        )
         state = setup(cfg, run_dir, device, saved, writer)
         if not train_epochs(state, stop_requested):
             return interrupted(cfg)
@@ -170,8 +203,10 @@ def setup(cfg: Config, run_dir: Path, device: torch.device, saved: dict | None, 
     if cfg.amp and device.type == "cpu":
         raise UserError("--amp needs a GPU or another accelerator, and this run is on the CPU; drop --amp")
     if cfg.batch_size % world:
-        raise UserError(f"batch_size {cfg.batch_size} is the whole batch of all {world} processes and must split evenly "
-                        f"among them; pass a --batch-size that {world} divides")
+        raise UserError(
+            f"batch_size {cfg.batch_size} is the whole batch of all {world} processes and must split evenly "
+            f"among them; pass a --batch-size that {world} divides"
+        )
     print0("config: " + " ".join(f"{k}={v}" for k, v in asdict(cfg).items()))
     print0(f"run folder: {run_dir}")
     print0(f"device: {device}, {world} process{'es' if world > 1 else ''} x {torch.get_num_threads()} threads")
@@ -181,7 +216,9 @@ def setup(cfg: Config, run_dir: Path, device: torch.device, saved: dict | None, 
     splits = {name: split.to(device) for name, split in splits.items()}
     print0(f"data: {len(splits['train'])} train, {len(splits['val'])} val, {len(splits['test'])} test images")
 
-    model = (rebuild_model(saved, run_dir / "last.pt") if saved else build_model(cfg.model, **model_args(cfg))).to(device)
+    model = (rebuild_model(saved, run_dir / "last.pt") if saved else build_model(cfg.model, **model_args(cfg))).to(
+        device
+    )
     optimizer, scheduler = make_optimizer(model, cfg, steps_per_epoch=math.ceil(len(splits["train"]) / cfg.batch_size))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and amp_dtype(device) == torch.float16)
     net = distributed.wrap(model, device)
@@ -190,7 +227,9 @@ def setup(cfg: Config, run_dir: Path, device: torch.device, saved: dict | None, 
     state = State(cfg, run_dir, device, splits, model, net, optimizer, scheduler, scaler, writer, record)
     if saved:
         restore(state, saved)
-        print0(f"resuming from {run_dir / 'last.pt'}: epoch {record['epoch'] + 1}, step {record['epoch_progress']['step']}")
+        print0(
+            f"resuming from {run_dir / 'last.pt'}: epoch {record['epoch'] + 1}, step {record['epoch_progress']['step']}"
+        )
     print0(f"model: {cfg.model}, {count_parameters(model):,} parameters")
     return state
 
@@ -218,11 +257,13 @@ def lr_factor(step: int, total_steps: int, schedule: str, warmup: float) -> floa
 
 def make_optimizer(model, cfg: Config, steps_per_epoch: int):
     """SGD with the config's settings, and its learning-rate schedule stepped once per batch over cfg.epochs."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay
+    )
     total_steps = cfg.epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total_steps, cfg.schedule, cfg.warmup))
+        optimizer, lambda step: lr_factor(step, total_steps, cfg.schedule, cfg.warmup)
+    )
     return optimizer, scheduler
 
 
@@ -245,11 +286,17 @@ def train_epochs(state: State, stop_requested) -> bool:
             save(state, "last.pt")
             return False
         val_loss, val_acc = validate(state.model, state.splits["val"], cfg.eval_batch_size)  # the same on every rank
-        record["history"].append({
-            "epoch": epoch + 1, "train_loss": progress["loss_sum"] / progress["seen"],
-            "train_acc": progress["correct"] / progress["seen"], "val_loss": val_loss, "val_acc": val_acc,
-            "lr": state.scheduler.get_last_lr()[0], "seconds": time.perf_counter() - start,
-        })
+        record["history"].append(
+            {
+                "epoch": epoch + 1,
+                "train_loss": progress["loss_sum"] / progress["seen"],
+                "train_acc": progress["correct"] / progress["seen"],
+                "val_loss": val_loss,
+                "val_acc": val_acc,
+                "lr": state.scheduler.get_last_lr()[0],
+                "seconds": time.perf_counter() - start,
+            }
+        )
         record["epoch"], record["epoch_progress"] = epoch + 1, new_progress()
         if val_acc > record["best_val_acc"]:
             record["best_epoch"], record["best_val_acc"] = epoch + 1, val_acc
@@ -279,8 +326,13 @@ def train_epoch(state: State, epoch: int, stop_requested) -> dict:
     correct = torch.tensor(before["correct"], device=device)
     seen, step = before["seen"], state.record["epoch_progress"]["step"]
     autocast_dtype = amp_dtype(device)
-    bar = tqdm(total=steps, initial=step, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-               disable=None if distributed.is_main() else True)
+    bar = tqdm(
+        total=steps,
+        initial=step,
+        desc=f"epoch {epoch + 1}/{cfg.epochs}",
+        leave=False,
+        disable=None if distributed.is_main() else True,
+    )
     for images, labels in split.batches(cfg.batch_size, order, start=step, rank=rank, world=world):
         # This rank's share may be empty: the last batch can hold fewer images than there are processes.
         batch_size = min(cfg.batch_size, len(split) - step * cfg.batch_size)  # the whole batch, over all ranks
@@ -306,8 +358,11 @@ def train_epoch(state: State, epoch: int, stop_requested) -> dict:
             state.writer.step(whole_batch_loss.item() / batch_size, scheduler.get_last_lr()[0], scheduler.last_epoch)
         if step % 25 == 0 or step == steps:
             check_finite(loss_sum, epoch, device)
-            bar.set_postfix(loss=f"{loss_sum.item() / max(seen, 1):.4f}", acc=f"{correct.item() / max(seen, 1):.2%}",
-                            lr=f"{scheduler.get_last_lr()[0]:.4f}")
+            bar.set_postfix(
+                loss=f"{loss_sum.item() / max(seen, 1):.4f}",
+                acc=f"{correct.item() / max(seen, 1):.2%}",
+                lr=f"{scheduler.get_last_lr()[0]:.4f}",
+            )
         # Every rank stops after the same step. Agreeing costs a collective, so several processes ask only
         # every few steps: at every step, 2 processes ran at 0.72x of one at batch 128 instead of 0.78x.
         if step % distributed.STOP_CHECK_EVERY == 0 and distributed.any_rank(stop_requested(), device):
@@ -321,8 +376,10 @@ def train_epoch(state: State, epoch: int, stop_requested) -> dict:
 def check_finite(loss_sum: torch.Tensor, epoch: int, device) -> None:
     """Raise Diverged on every rank if the loss is NaN or inf on any."""
     if distributed.any_rank(not torch.isfinite(loss_sum).item(), device):
-        raise Diverged(f"training diverged in epoch {epoch + 1} (loss is NaN or inf), most likely the learning rate is "
-                       f"too high; try a smaller --lr. The checkpoints from before are untouched")
+        raise Diverged(
+            f"training diverged in epoch {epoch + 1} (loss is NaN or inf), most likely the learning rate is "
+            f"too high; try a smaller --lr. The checkpoints from before are untouched"
+        )
 
 
 def validate(model, split: MNISTData, batch_size: int) -> tuple[float, float]:
@@ -330,8 +387,9 @@ def validate(model, split: MNISTData, batch_size: int) -> tuple[float, float]:
     of the images and the sums are added, so every image counts once and every rank gets the same numbers."""
     part = distributed.shard(len(split))
     logits, labels = model_logits(model, split.images[part], batch_size), split.labels[part]
-    loss_sum, correct = distributed.sum_all(F.cross_entropy(logits, labels, reduction="sum"),
-                                            (logits.argmax(dim=1) == labels).sum())
+    loss_sum, correct = distributed.sum_all(
+        F.cross_entropy(logits, labels, reduction="sum"), (logits.argmax(dim=1) == labels).sum()
+    )
     return loss_sum.item() / len(split), correct.item() / len(split)
 
 
@@ -341,10 +399,16 @@ def save(state: State, *names: str) -> None:
         return
     cfg = state.cfg
     ckpt = {
-        "model": state.model.state_dict(), "model_name": cfg.model, "model_args": model_args(cfg),
-        "optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict(),
-        "scaler": state.scaler.state_dict(), "config": asdict(cfg), **state.record,
-        "normalization": {"mean": MNIST_MEAN, "std": MNIST_STD}, "torch_version": str(torch.__version__),
+        "model": state.model.state_dict(),
+        "model_name": cfg.model,
+        "model_args": model_args(cfg),
+        "optimizer": state.optimizer.state_dict(),
+        "scheduler": state.scheduler.state_dict(),
+        "scaler": state.scaler.state_dict(),
+        "config": asdict(cfg),
+        **state.record,
+        "normalization": {"mean": MNIST_MEAN, "std": MNIST_STD},
+        "torch_version": str(torch.__version__),
         "world_size": distributed.world_size(),
     }
     for name in names:
@@ -363,8 +427,10 @@ def finish(state: State) -> None:
     write_metrics(run_dir, record)
     plots.plot_curves({cfg.model: record["history"]}, run_dir / "curves.png")
     state.writer.test(record, logits, test.images, test.labels, state.scheduler.last_epoch)
-    print(f"test: loss {test_loss:.4f}, accuracy {test_acc:.2%} (best.pt, epoch {record['best_epoch']}, "
-          f"val {record['best_val_acc']:.2%}); best.pt, last.pt, metrics.json and curves.png are in {run_dir}/")
+    print(
+        f"test: loss {test_loss:.4f}, accuracy {test_acc:.2%} (best.pt, epoch {record['best_epoch']}, "
+        f"val {record['best_val_acc']:.2%}); best.pt, last.pt, metrics.json and curves.png are in {run_dir}/"
+    )
 
 
 @contextlib.contextmanager
@@ -382,8 +448,11 @@ def stop_signals():
             raise KeyboardInterrupt
         requested.append(signum)
         if distributed.is_main():
-            tqdm.write(f"{signal.Signals(signum).name}: stopping after this step to save last.pt"
-                       f"{'' if distributed.under_torchrun() else ' (Ctrl-C again to quit without saving)'}", file=sys.stderr)
+            tqdm.write(
+                f"{signal.Signals(signum).name}: stopping after this step to save last.pt"
+                f"{'' if distributed.under_torchrun() else ' (Ctrl-C again to quit without saving)'}",
+                file=sys.stderr,
+            )
 
     previous = {signum: signal.signal(signum, handler) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -418,8 +487,15 @@ def print_header() -> None:
 
 
 def print_row(row: dict, best: bool) -> None:
-    cells = [f"{row['epoch']:>10}", f"{row['train_loss']:>10.4f}", f"{row['train_acc']:>10.2%}",
-             f"{row['val_loss']:>10.4f}", f"{row['val_acc']:>10.2%}", f"{row['lr']:>10.4f}", f"{row['seconds']:>10.1f}"]
+    cells = [
+        f"{row['epoch']:>10}",
+        f"{row['train_loss']:>10.4f}",
+        f"{row['train_acc']:>10.2%}",
+        f"{row['val_loss']:>10.4f}",
+        f"{row['val_acc']:>10.2%}",
+        f"{row['lr']:>10.4f}",
+        f"{row['seconds']:>10.1f}",
+    ]
     print0(" ".join(cells) + ("  *best" if best else ""), flush=True)
 
 

@@ -10,6 +10,7 @@ process's CPU time. On a shared machine the CPU time is the steadier of the two,
 (with more threads it counts their spinning too). The images are random normalised pixels: the
 warp's cost does not depend on what the pixels show.
 """
+
 import argparse
 import os
 import statistics
@@ -20,13 +21,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-import augment  # noqa: E402
-from config import Config  # noqa: E402
-from data import normalize  # noqa: E402
-from model import MEMORY_FORMAT, build_model  # noqa: E402
+import augment
+from config import Config
+from data import normalize
+from model import MEMORY_FORMAT, build_model
 
 
 def per_batch(fn, steps: int) -> tuple[float, float]:
@@ -50,7 +51,8 @@ def main() -> None:
 
     def images(step):  # a fresh batch each step, sliced and normalised as MNISTData.batches does
         first = step % 8 * args.batch_size
-        return normalize(pixels[first:first + args.batch_size])
+        return normalize(pixels[first : first + args.batch_size])
+
     model = build_model("cnn")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
 
@@ -63,7 +65,8 @@ def main() -> None:
     kinds = {
         "training step, no augmentation": lambda step: train_step(images(step)),
         "training step with augment.batch": lambda step: train_step(
-            augment.batch(images(step), cfg, 0, step, len(labels))),
+            augment.batch(images(step), cfg, 0, step, len(labels))
+        ),
         "augment.batch alone": lambda step: augment.batch(images(step), cfg, 0, step, len(labels)),
     }
     for fn in kinds.values():  # warm-up: oneDNN picks its kernels
@@ -72,9 +75,11 @@ def main() -> None:
     for _ in range(args.repeats):
         for name, fn in kinds.items():
             times[name].append(per_batch(fn, args.steps))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, {cpu_name()}; "
-          f"batch {args.batch_size}, rotate {cfg.aug_rotate}, scale {cfg.aug_scale}, shear {cfg.aug_shear}, "
-          f"shift {cfg.aug_shift}; medians of {args.repeats} blocks of {args.steps} steps")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, {cpu_name()}; "
+        f"batch {args.batch_size}, rotate {cfg.aug_rotate}, scale {cfg.aug_scale}, shear {cfg.aug_shear}, "
+        f"shift {cfg.aug_shift}; medians of {args.repeats} blocks of {args.steps} steps"
+    )
     print(f"{'':<34} {'wall':>9} {'CPU':>9}")
     median = {}
     for name, values in times.items():
@@ -83,6 +88,7 @@ def main() -> None:
     plain, with_aug, alone = (median[name] for name in kinds)
     print(f"{'augment.batch / training step':<34} " + " ".join(f"{a / p:9.1%}" for a, p in zip(alone, plain)))
     print(f"{'step with / step without':<34} " + " ".join(f"{w / p:9.3f}" for w, p in zip(with_aug, plain)))
+
 
 def cpu_name() -> str:
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""

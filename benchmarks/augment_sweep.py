@@ -10,6 +10,7 @@ and split over several shells with --only and --seeds; a last call with every re
 It prints one row per recipe: test accuracy per seed, median and worst. Accuracy, not time, is what
 it measures: benchmarks/speed.py --baseline times the chosen recipe against the old one.
 """
+
 import argparse
 import json
 import os
@@ -28,8 +29,20 @@ RECIPES = {  # name: flags; in the order they run, the most telling first
     "e7": ["--epochs", "7", *OLD, *AUG],
     "e8-shear": ["--epochs", "8", *OLD, *AUG, "--aug-shear", "10"],
     "e8-wd5e-4": ["--epochs", "8", "--lr", "0.15", "--weight-decay", "5e-4", "--warmup", "0.2", *AUG],
-    "e8-strong": ["--epochs", "8", *OLD, "--augment", "--aug-rotate", "15", "--aug-scale", "0.15", "--aug-shear", "10",
-                  "--aug-shift", "3"],
+    "e8-strong": [
+        "--epochs",
+        "8",
+        *OLD,
+        "--augment",
+        "--aug-rotate",
+        "15",
+        "--aug-scale",
+        "0.15",
+        "--aug-shear",
+        "10",
+        "--aug-shift",
+        "3",
+    ],
     "e8-warmup0.1": ["--epochs", "8", "--lr", "0.15", "--weight-decay", "1.5e-3", "--warmup", "0.1", *AUG],
     "e8-lr0.1": ["--epochs", "8", "--lr", "0.1", "--weight-decay", "1.5e-3", "--warmup", "0.2", *AUG],
 }
@@ -40,9 +53,26 @@ def run(name: str, seed: int, data_dir: str, out_dir: Path) -> float:
     run_dir = out_dir / f"{name}-s{seed}"
     metrics = run_dir / "metrics.json"
     if not (metrics.is_file() and "test_acc" in json.loads(metrics.read_text())):
-        subprocess.run([sys.executable, str(ROOT / "train.py"), "--data-dir", data_dir, "--no-download",
-                        "--out-dir", str(out_dir), "--run-name", run_dir.name, "--seed", str(seed), "--no-tensorboard",
-                        *RECIPES[name]], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "train.py"),
+                "--data-dir",
+                data_dir,
+                "--no-download",
+                "--out-dir",
+                str(out_dir),
+                "--run-name",
+                run_dir.name,
+                "--seed",
+                str(seed),
+                "--no-tensorboard",
+                *RECIPES[name],
+            ],
+            check=True,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+        )
     return json.loads(metrics.read_text())["test_acc"]
 
 
@@ -55,8 +85,11 @@ def main() -> None:
     args = parser.parse_args()
     for name in args.only or RECIPES:
         accs = [run(name, seed, args.data_dir, args.out_dir) for seed in args.seeds]
-        print(f"{name:<12} {' '.join(f'{a:.2%}' for a in accs)}  median {statistics.median(accs):.2%}  "
-              f"worst {min(accs):.2%}  | {' '.join(RECIPES[name])}", flush=True)
+        print(
+            f"{name:<12} {' '.join(f'{a:.2%}' for a in accs)}  median {statistics.median(accs):.2%}  "
+            f"worst {min(accs):.2%}  | {' '.join(RECIPES[name])}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

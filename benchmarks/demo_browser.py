@@ -10,6 +10,7 @@ slight tremor, and reads #prediction[data-digit]. It prints the share read right
 tests/test_demo.py and tests/test_demo_browser.py use serve() and the drawing helpers from here.
 Needs Chromium (`apt-get install -y chromium`) and `pip install playwright`.
 """
+
 import argparse
 import contextlib
 import math
@@ -25,8 +26,13 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync"]
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 WAIT_MS = 30_000  # for any one answer from the page
 
 
@@ -35,8 +41,13 @@ def serve(checkpoint, timeout: float = 60, cwd=ROOT):
     """Run `python demo.py --port 0` in `cwd` as a user would (without --checkpoint when it is None) and yield
     its address; then stop it with Ctrl-C (SIGINT) and raise unless it exits with 0 and no traceback."""
     flags = ["--port", "0"] + (["--checkpoint", str(checkpoint)] if checkpoint else [])
-    proc = subprocess.Popen([sys.executable, "-u", str(ROOT / "demo.py"), *flags], cwd=cwd,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-u", str(ROOT / "demo.py"), *flags],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         with selectors.DefaultSelector() as selector:  # wait for the address line, for at most `timeout`
             selector.register(proc.stdout, selectors.EVENT_READ)
@@ -60,24 +71,29 @@ def serve(checkpoint, timeout: float = 60, cwd=ROOT):
 # Each digit is one or more strokes, each a list of (x, y) points in a unit box (y down), written the
 # way people write them. Some digits have two common forms (a 1 with a flag, an open 4, a 7 with a bar).
 
+
 def arc(cx, cy, rx, ry, start, end, n=16):
     """Points along an ellipse from angle `start` to `end`, in degrees (0 is right, 90 is down)."""
-    return [(cx + rx * math.cos(math.radians(a)), cy + ry * math.sin(math.radians(a)))
-            for a in np.linspace(start, end, n)]
+    return [
+        (cx + rx * math.cos(math.radians(a)), cy + ry * math.sin(math.radians(a))) for a in np.linspace(start, end, n)
+    ]
 
 
 DIGITS = {
     0: [[[*arc(0.5, 0.5, 0.34, 0.46, -90, -450, 24)]]],
-    1: [[[(0.52, 0.03), (0.5, 0.97)]],
-        [[(0.3, 0.22), (0.55, 0.03), (0.52, 0.97)]]],
+    1: [[[(0.52, 0.03), (0.5, 0.97)]], [[(0.3, 0.22), (0.55, 0.03), (0.52, 0.97)]]],
     2: [[[*arc(0.5, 0.3, 0.32, 0.26, 200, 385), (0.15, 0.96), (0.88, 0.96)]]],
     3: [[[*arc(0.47, 0.27, 0.3, 0.23, 210, 450), *arc(0.47, 0.73, 0.34, 0.24, 270, 510)]]],
-    4: [[[(0.62, 0.03), (0.1, 0.66), (0.9, 0.66)], [(0.66, 0.3), (0.66, 0.97)]],
-        [[(0.2, 0.03), (0.15, 0.58), (0.88, 0.58)], [(0.7, 0.03), (0.7, 0.97)]]],
+    4: [
+        [[(0.62, 0.03), (0.1, 0.66), (0.9, 0.66)], [(0.66, 0.3), (0.66, 0.97)]],
+        [[(0.2, 0.03), (0.15, 0.58), (0.88, 0.58)], [(0.7, 0.03), (0.7, 0.97)]],
+    ],
     5: [[[(0.82, 0.04), (0.3, 0.04), (0.25, 0.46), *arc(0.5, 0.69, 0.33, 0.28, 235, 520)]]],
     6: [[[(0.72, 0.03), (0.42, 0.25), (0.22, 0.55), *arc(0.5, 0.73, 0.28, 0.24, 180, -180)]]],
-    7: [[[(0.12, 0.05), (0.88, 0.05), (0.38, 0.97)]],
-        [[(0.12, 0.05), (0.88, 0.05), (0.38, 0.97)], [(0.4, 0.52), (0.8, 0.52)]]],
+    7: [
+        [[(0.12, 0.05), (0.88, 0.05), (0.38, 0.97)]],
+        [[(0.12, 0.05), (0.88, 0.05), (0.38, 0.97)], [(0.4, 0.52), (0.8, 0.52)]],
+    ],
     8: [[[*arc(0.5, 0.26, 0.26, 0.23, 90, 450)], [*arc(0.5, 0.73, 0.31, 0.25, -90, 270)]]],
     9: [[[*arc(0.45, 0.3, 0.3, 0.26, 0, -360), (0.75, 0.3), (0.68, 0.97)]]],
 }
@@ -96,8 +112,16 @@ def strokes_on_pad(digit: int, rng: np.random.Generator, pad: float, height=None
     left = margin + max(slant, 0) * height + rng.uniform(0, max(room_x, 0))
     top = margin + rng.uniform(0, max(pad - 2 * margin - height, 0))
     jitter = 0.012 * height
-    return [[(left + x * width + slant * (0.5 - y) * height + rng.normal(0, jitter),
-              top + y * height + rng.normal(0, jitter)) for x, y in stroke] for stroke in form]
+    return [
+        [
+            (
+                left + x * width + slant * (0.5 - y) * height + rng.normal(0, jitter),
+                top + y * height + rng.normal(0, jitter),
+            )
+            for x, y in stroke
+        ]
+        for stroke in form
+    ]
 
 
 def draw(page, strokes, box, offset=(0.0, 0.0), step=12.0):
@@ -157,8 +181,10 @@ def main():
             page.click("#clear")
             if (got := draw_digit(page, i % 10, rng)) != str(i % 10):
                 wrong.append((i % 10, got))
-        print(f"{checkpoint}: {args.count - len(wrong)} of {args.count} drawn digits read right "
-              f"({1 - len(wrong) / args.count:.1%}); wrong (drawn, read): {wrong}")
+        print(
+            f"{checkpoint}: {args.count - len(wrong)} of {args.count} drawn digits read right "
+            f"({1 - len(wrong) / args.count:.1%}); wrong (drawn, read): {wrong}"
+        )
         if args.screenshots:
             page.click("#clear")
             box = page.locator("#pad").bounding_box()

@@ -10,6 +10,7 @@ time of the 40 divided by 40. Each figure is a median over rounds. On a shared m
 follow the other load (the scheduler shares the CPU per thread, so 40 busy threads get more of it
 than one), so it also prints the CPU time of demo.classify, the work behind one request, in-process.
 """
+
 import argparse
 import io
 import platform
@@ -24,14 +25,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import httpx  # noqa: E402
-from PIL import Image, ImageDraw  # noqa: E402
+import httpx
+from demo_browser import serve
+from PIL import Image, ImageDraw
 
-from config import Config  # noqa: E402
-from demo import classify  # noqa: E402
-from demo_browser import serve  # noqa: E402
-from model import load_checkpoint  # noqa: E402
-from rundir import latest_checkpoint  # noqa: E402
+from config import Config
+from demo import classify
+from model import load_checkpoint
+from rundir import latest_checkpoint
 
 CONCURRENT = 40
 
@@ -74,6 +75,7 @@ def main():
     data = pad_png()
     checkpoint = args.checkpoint or latest_checkpoint(Config().out_dir)
     import torch
+
     torch.set_num_threads(1)  # as demo.py serves
     model = load_checkpoint(checkpoint)[0]
     classify(model, data)
@@ -83,27 +85,35 @@ def main():
         classify(model, data)
         cpu.append(time.process_time() - start)
     alone, waits, walls = [], [], []
-    with serve(checkpoint) as url, \
-            httpx.Client(base_url=url, timeout=120, limits=httpx.Limits(max_connections=CONCURRENT)) as http, \
-            ThreadPoolExecutor(CONCURRENT) as pool:
+    with (
+        serve(checkpoint) as url,
+        httpx.Client(base_url=url, timeout=120, limits=httpx.Limits(max_connections=CONCURRENT)) as http,
+        ThreadPoolExecutor(CONCURRENT) as pool,
+    ):
         timed_post(http, data)  # warm-up: the first request pays for lazy imports
         for _ in range(args.rounds):
             alone.append(statistics.median(timed_post(http, data) for _ in range(20)))
             barrier = threading.Barrier(CONCURRENT)
 
-            def together(_):
+            def together(_, barrier=barrier):
                 barrier.wait()
                 return timed_post(http, data)
+
             start = time.perf_counter()
             times = list(pool.map(together, range(CONCURRENT)))
             walls.append((time.perf_counter() - start) / CONCURRENT)
             waits.append(statistics.median(times))
-    ms = lambda values: f"{statistics.median(values) * 1000:.0f} ms"  # noqa: E731
+
+    def ms(values):
+        return f"{statistics.median(values) * 1000:.0f} ms"
+
     print(f"CPU: {cpu_name()}")
     print(f"CPU time of demo.classify:   {ms(cpu)} per request (prepare_digit + model.predict, one thread)")
     print(f"one request at a time:       {ms(alone)} per request (median of {args.rounds} rounds of 20)")
-    print(f"{CONCURRENT} requests at once: all 200; each waits {ms(waits)} (median), "
-          f"the server answers one every {ms(walls)} (wall time / {CONCURRENT})")
+    print(
+        f"{CONCURRENT} requests at once: all 200; each waits {ms(waits)} (median), "
+        f"the server answers one every {ms(walls)} (wall time / {CONCURRENT})"
+    )
 
 
 if __name__ == "__main__":

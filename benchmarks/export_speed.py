@@ -8,6 +8,7 @@ random pixels: latency at batch 1 (the time of one call, as a service answering 
 throughput at batch 1000. Each repeat times both engines back to back, so load from other processes hits
 both alike; the figures are medians over the repeats. Speed does not depend on the weights' values.
 """
+
 import argparse
 import statistics
 import sys
@@ -17,14 +18,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import onnxruntime  # noqa: E402
-import torch  # noqa: E402
+import onnxruntime
+import torch
 
-from config import Config  # noqa: E402
-from export import Exported, export_onnx  # noqa: E402
-from model import load_checkpoint  # noqa: E402
-from rundir import latest_checkpoint  # noqa: E402
-from benchmarks.speed import cpu_name  # noqa: E402
+from benchmarks.speed import cpu_name
+from config import Config
+from export import Exported, export_onnx
+from model import load_checkpoint
+from rundir import latest_checkpoint
 
 
 def per_call(fn, pixels, calls: int) -> float:
@@ -41,7 +42,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, help="a best.pt (default: the latest run's)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats of each measurement; medians are printed")
-    parser.add_argument("--threads", type=int, default=0, help="threads for both engines (default: torch's default, all cores)")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="threads for both engines (default: torch's default, all cores)"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -69,15 +72,21 @@ def main():
             latency[name].append(per_call(fn, one, calls=500))
             throughput[name].append(1000 / per_call(fn, thousand, calls=20))
 
-    print(f"{cpu_name()}, {torch.get_num_threads()} threads; torch {torch.__version__}, "
-          f"onnxruntime {onnxruntime.__version__}; medians of {args.repeats} repeats")
+    print(
+        f"{cpu_name()}, {torch.get_num_threads()} threads; torch {torch.__version__}, "
+        f"onnxruntime {onnxruntime.__version__}; medians of {args.repeats} repeats"
+    )
     print(f"{'':<24}{'torch eager':>14}{'onnxruntime':>14}{'onnxruntime / torch':>22}")
     lat = {name: statistics.median(values) for name, values in latency.items()}
     thr = {name: statistics.median(values) for name, values in throughput.items()}
-    print(f"{'latency, batch 1':<24}{lat['torch eager'] * 1e3:>11.3f} ms{lat['onnxruntime'] * 1e3:>11.3f} ms"
-          f"{lat['torch eager'] / lat['onnxruntime']:>18.2f}x faster")
-    print(f"{'throughput, batch 1000':<24}{thr['torch eager']:>9,.0f} img/s{thr['onnxruntime']:>9,.0f} img/s"
-          f"{thr['onnxruntime'] / thr['torch eager']:>18.2f}x faster")
+    print(
+        f"{'latency, batch 1':<24}{lat['torch eager'] * 1e3:>11.3f} ms{lat['onnxruntime'] * 1e3:>11.3f} ms"
+        f"{lat['torch eager'] / lat['onnxruntime']:>18.2f}x faster"
+    )
+    print(
+        f"{'throughput, batch 1000':<24}{thr['torch eager']:>9,.0f} img/s{thr['onnxruntime']:>9,.0f} img/s"
+        f"{thr['onnxruntime'] / thr['torch eager']:>18.2f}x faster"
+    )
 
 
 if __name__ == "__main__":

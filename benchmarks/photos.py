@@ -10,6 +10,7 @@ the same photos. `photograph` lives here, not in digits.py, because only measure
 (this script, tests/test_predict.py and the notebook's example photo); nothing at run time does. It prints accuracy through prepare_digit against a plain resize to 28x28,
 and what prepare_digit costs on the MNIST test set itself, which already looks like MNIST.
 """
+
 import argparse
 import io
 import sys
@@ -19,14 +20,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image, ImageFilter  # noqa: E402
+import numpy as np
+import torch
+from PIL import Image, ImageFilter
 
-from data import load_split  # noqa: E402
-from digits import load_image, prepare_digit  # noqa: E402
-from model import load_checkpoint, model_logits  # noqa: E402
-from rundir import latest_checkpoint  # noqa: E402
+from data import load_split
+from digits import load_image, prepare_digit
+from model import load_checkpoint, model_logits
+from rundir import latest_checkpoint
 
 
 def photograph(digit: np.ndarray, rng: np.random.Generator) -> bytes:
@@ -38,7 +39,7 @@ def photograph(digit: np.ndarray, rng: np.random.Generator) -> bytes:
     height, width = (round(size * rng.uniform(1.3, 2.5)) for _ in range(2))
     top, left = rng.integers(0, height - size + 1), rng.integers(0, width - size + 1)
     canvas = np.zeros((height, width), dtype=np.float32)
-    canvas[top:top + size, left:left + size] = ink
+    canvas[top : top + size, left : left + size] = ink
     if rng.random() < 0.75:  # dark ink on light paper
         paper, pen = rng.uniform(0.7, 0.95), rng.uniform(0.05, 0.3)
     else:
@@ -46,7 +47,7 @@ def photograph(digit: np.ndarray, rng: np.random.Generator) -> bytes:
     picture = paper + (pen - paper) * canvas
     angle = rng.uniform(0, 2 * np.pi)
     rows, cols = np.mgrid[0:height, 0:width]
-    ramp = (np.cos(angle) * cols / width + np.sin(angle) * rows / height)
+    ramp = np.cos(angle) * cols / width + np.sin(angle) * rows / height
     picture *= 1 - rng.uniform(0.2, 0.45) * (ramp - ramp.min()) / max(np.ptp(ramp), 1e-6)  # light from one side
     focus = ImageFilter.GaussianBlur(rng.uniform(0.3, 0.8) * scale / 3)
     picture = np.asarray(Image.fromarray((np.clip(picture, 0, 1) * 255).astype(np.uint8)).filter(focus)) / 255
@@ -82,6 +83,7 @@ def plain_resize(photo: bytes) -> np.ndarray:
 
 def before_and_after(photos, prepared, path: Path, count: int = 8) -> None:
     from matplotlib.figure import Figure  # a Figure needs no backend: files only, no display
+
     fig = Figure(figsize=(count * 1.4, 3))
     axes = fig.subplots(2, count)
     for i in range(count):
@@ -113,11 +115,15 @@ def main() -> None:
     mnist_prepared = np.stack([prepare_digit(image.numpy()) for image in images])
 
     print(f"checkpoint {checkpoint}")
-    print(f"photographed test digits, {args.count}: prepare_digit {accuracy(model, torch.from_numpy(prepared), photo_labels):.2%}, "
-          f"plain resize to 28x28 {accuracy(model, torch.from_numpy(plain), photo_labels):.2%} "
-          f"(prepare_digit: {per_photo * 1000:.0f} ms a photo)")
-    print(f"MNIST test set, {len(labels):,}: as it is {accuracy(model, images, labels):.2%}, "
-          f"through prepare_digit {accuracy(model, torch.from_numpy(mnist_prepared), labels):.2%}")
+    print(
+        f"photographed test digits, {args.count}: prepare_digit {accuracy(model, torch.from_numpy(prepared), photo_labels):.2%}, "
+        f"plain resize to 28x28 {accuracy(model, torch.from_numpy(plain), photo_labels):.2%} "
+        f"(prepare_digit: {per_photo * 1000:.0f} ms a photo)"
+    )
+    print(
+        f"MNIST test set, {len(labels):,}: as it is {accuracy(model, images, labels):.2%}, "
+        f"through prepare_digit {accuracy(model, torch.from_numpy(mnist_prepared), labels):.2%}"
+    )
     if args.figure:
         before_and_after(photos, prepared, args.figure)
         print(f"figure: {args.figure}")

@@ -14,6 +14,7 @@ two pipelines are compared within the same run, because this machine is shared a
   (g) with --factors, only: the speed-up over the reference post split into its three factors, each
       measured on its own: tensor-resident data, channels-last tensors, and batch 128 instead of 64.
 """
+
 import argparse
 import math
 import os
@@ -29,15 +30,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch.utils.data import DataLoader, Dataset  # noqa: E402
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
 
-import tblog  # noqa: E402
-import train  # noqa: E402
-from config import Config, parse_args  # noqa: E402
-from data import MNIST_MEAN, MNIST_STD, epoch_order, load_splits  # noqa: E402
-from model import CNN, MEMORY_FORMAT, build_model, load_checkpoint, model_logits  # noqa: E402
+import tblog
+import train
+from config import Config, parse_args
+from data import MNIST_MEAN, MNIST_STD, epoch_order, load_splits
+from model import CNN, MEMORY_FORMAT, build_model, load_checkpoint, model_logits
 
 
 def conv_flops(c_in, c_out, k, h_out, w_out) -> int:
@@ -68,11 +69,13 @@ def peak_flops() -> tuple[float, str]:
 
 # --- (a) training throughput -------------------------------------------------------------
 
+
 class ReferenceMNIST(Dataset):
     """The reference post's `mnistData`: Python lists of PIL images and labels, one transform per item."""
 
     def __init__(self, images, labels, transform):
         from PIL import Image
+
         self.images = [Image.fromarray(image.numpy(), mode="L") for image in images]
         self.labels = labels.tolist()
         self.transform = transform
@@ -101,12 +104,14 @@ def images_per_second(batches, model, optimizer, n_images: int) -> float:
 
 def ours(train_split, cfg: Config, n_images: int, memory_format=MEMORY_FORMAT) -> float:
     model = build_model("cnn").to(memory_format=memory_format)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                                weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=0.01, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay
+    )
 
     def batches(epoch):
         order = epoch_order(len(train_split), 0, epoch, "cpu")
         return ((x.contiguous(memory_format=memory_format), y) for x, y in train_split.batches(cfg.batch_size, order))
+
     images_per_second(batches(0), model, optimizer, cfg.batch_size * 3)  # warm-up: oneDNN picks its kernels
     return images_per_second(batches(1), model, optimizer, n_images)
 
@@ -121,14 +126,26 @@ def reference(reference_data, n_images: int) -> float:
 
 # --- (b) time to accuracy ----------------------------------------------------------------
 
+
 def time_to_accuracy(splits, cfg: Config, target: float) -> tuple[float | None, int, float]:
     """Train with cfg, testing after every epoch; return (training seconds to reach target or None, epochs, accuracy)."""
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model)
     optimizer, scheduler = train.make_optimizer(model, cfg, math.ceil(len(splits["train"]) / cfg.batch_size))
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    state = train.State(cfg, Path(), torch.device("cpu"), splits, model, model, optimizer, scheduler, scaler,
-                        tblog.NoLog(), {"epoch_progress": train.new_progress()})
+    state = train.State(
+        cfg,
+        Path(),
+        torch.device("cpu"),
+        splits,
+        model,
+        model,
+        optimizer,
+        scheduler,
+        scaler,
+        tblog.NoLog(),
+        {"epoch_progress": train.new_progress()},
+    )
     elapsed, accuracy = 0.0, 0.0
     for epoch in range(cfg.epochs):
         start = time.perf_counter()
@@ -144,34 +161,58 @@ def time_to_accuracy(splits, cfg: Config, target: float) -> tuple[float | None, 
 
 # Runs a script as __main__ and reports the process's own peak RSS (KiB on Linux) as it exits. The parent's
 # RUSAGE_CHILDREN would not do: it can count this large benchmark process's pages in the child before exec.
-REPORT_PEAK_RSS = ("import atexit, resource, runpy, sys; atexit.register(lambda: print('peak-rss-kib', "
-                   "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)); "
-                   "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+REPORT_PEAK_RSS = (
+    "import atexit, resource, runpy, sys; atexit.register(lambda: print('peak-rss-kib', "
+    "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)); "
+    "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+)
 
 
 def whole_run(data_dir: str, out_dir: Path, seed: int, *flags: str, root: Path = ROOT) -> dict:
     """`python train.py` of the project at `root` with the defaults but the seed and `flags`, timed as a whole:
     wall seconds, test accuracy, peak RSS (MiB), and the fixed cost (wall minus the epochs' own seconds)."""
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, "-c", REPORT_PEAK_RSS, str(root / "train.py"), "--data-dir", data_dir,
-                             "--out-dir", str(out_dir), "--seed", str(seed), *flags],
-                            check=True, capture_output=True, text=True, cwd=root)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            REPORT_PEAK_RSS,
+            str(root / "train.py"),
+            "--data-dir",
+            data_dir,
+            "--out-dir",
+            str(out_dir),
+            "--seed",
+            str(seed),
+            *flags,
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=root,
+    )
     wall = time.perf_counter() - start
     peak_kib = int(result.stderr.split("peak-rss-kib")[-1].split()[0])
     [best] = out_dir.glob("**/best.pt")  # the run's own folder, or out_dir itself for versions without run folders
     ckpt = load_checkpoint(best)[1]
-    return {"wall": wall, "acc": ckpt["test_acc"], "rss": peak_kib / 1024,
-            "fixed": wall - sum(row["seconds"] for row in ckpt["history"])}
+    return {
+        "wall": wall,
+        "acc": ckpt["test_acc"],
+        "rss": peak_kib / 1024,
+        "fixed": wall - sum(row["seconds"] for row in ckpt["history"]),
+    }
 
 
 # --- (f) against an earlier version, interleaved in one run -------------------------------------
+
 
 def baseline_rows(rev: str, data_dir: str, out_dir: Path, seeds: int) -> list[tuple[str, str]]:
     """This version against REV, as ratios ours / baseline: REV is checked out into a temporary git worktree, and the two
     versions' runs alternate, seed by seed, so that the machine's load falls on both alike."""
     worktree = Path(tempfile.mkdtemp(prefix="baseline-")) / "tree"
-    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(worktree), rev],
-                   check=True, capture_output=True)
+    subprocess.run(
+        ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(worktree), rev], check=True, capture_output=True
+    )
     try:
         base, ours, fast = [], [], []
         for seed in range(seeds):
@@ -190,31 +231,60 @@ def baseline_rows(rev: str, data_dir: str, out_dir: Path, seeds: int) -> list[tu
 
     def peak(runs):
         return max(run["rss"] for run in runs)
+
     return [
         (f"baseline {rev}, default: test accuracy", accs(base)),
-        (f"baseline {rev}, default: wall time, fixed cost, peak RSS",
-         f"{median(base, 'wall'):.1f} s, {median(base, 'fixed'):.1f} s, {peak(base):,.0f} MiB"),
+        (
+            f"baseline {rev}, default: wall time, fixed cost, peak RSS",
+            f"{median(base, 'wall'):.1f} s, {median(base, 'fixed'):.1f} s, {peak(base):,.0f} MiB",
+        ),
         ("ours, default: test accuracy", accs(ours)),
-        ("ours, default: wall time / baseline default's",
-         f"{median(ours, 'wall') / median(base, 'wall'):.2f} ({median(ours, 'wall'):.1f} s)"),
+        (
+            "ours, default: wall time / baseline default's",
+            f"{median(ours, 'wall') / median(base, 'wall'):.2f} ({median(ours, 'wall'):.1f} s)",
+        ),
         ("ours, --no-augment --epochs 4: test accuracy", accs(fast)),
-        ("ours, --no-augment --epochs 4: wall time / baseline default's",
-         f"{median(fast, 'wall') / median(base, 'wall'):.2f} ({median(fast, 'wall'):.1f} s)"),
-        ("ours, default: fixed cost / baseline's",
-         f"{median(ours, 'fixed') / median(base, 'fixed'):.2f} ({median(ours, 'fixed'):.1f} s)"),
+        (
+            "ours, --no-augment --epochs 4: wall time / baseline default's",
+            f"{median(fast, 'wall') / median(base, 'wall'):.2f} ({median(fast, 'wall'):.1f} s)",
+        ),
+        (
+            "ours, default: fixed cost / baseline's",
+            f"{median(ours, 'fixed') / median(base, 'fixed'):.2f} ({median(ours, 'fixed'):.1f} s)",
+        ),
         ("ours, default: peak RSS / baseline's", f"{peak(ours) / peak(base):.2f} ({peak(ours):,.0f} MiB)"),
     ]
 
 
 # --- (e) one process against two under torchrun ------------------------------------------------
 
+
 def epoch_rate(launcher: list[str], data_dir: str, out_dir: Path, batch_size: int) -> tuple[float, float]:
     """Train 2 epochs with `launcher train.py`; return the median (seconds per epoch, images/s) of the printed rows."""
-    result = subprocess.run([*launcher, str(ROOT / "train.py"), "--data-dir", data_dir, "--out-dir", str(out_dir),
-                             "--epochs", "2", "--batch-size", str(batch_size), "--no-tensorboard", "--device", "cpu"],
-                            check=True, capture_output=True, text=True, cwd=ROOT)
-    seconds = statistics.median(float(line.split()[6]) for line in result.stdout.splitlines()
-                                if line.split()[:1] and line.split()[0].isdigit())
+    result = subprocess.run(
+        [
+            *launcher,
+            str(ROOT / "train.py"),
+            "--data-dir",
+            data_dir,
+            "--out-dir",
+            str(out_dir),
+            "--epochs",
+            "2",
+            "--batch-size",
+            str(batch_size),
+            "--no-tensorboard",
+            "--device",
+            "cpu",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    seconds = statistics.median(
+        float(line.split()[6]) for line in result.stdout.splitlines() if line.split()[:1] and line.split()[0].isdigit()
+    )
     train_images = 60_000 - Config().val_size
     return seconds, train_images / seconds
 
@@ -225,14 +295,19 @@ def ddp_rows(data_dir: str, out_dir: Path, repeats: int) -> list[tuple[str, str]
     double = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     rows = []
     for batch_size in (Config().batch_size, 512):
-        runs = [(epoch_rate(single, data_dir, out_dir, batch_size), epoch_rate(double, data_dir, out_dir, batch_size))
-                for _ in range(repeats)]
-        (s1, r1), (s2, r2) = ((statistics.median(r[i][0] for r in runs), statistics.median(r[i][1] for r in runs))
-                              for i in (0, 1))
+        runs = [
+            (epoch_rate(single, data_dir, out_dir, batch_size), epoch_rate(double, data_dir, out_dir, batch_size))
+            for _ in range(repeats)
+        ]
+        (s1, r1), (s2, r2) = (
+            (statistics.median(r[i][0] for r in runs), statistics.median(r[i][1] for r in runs)) for i in (0, 1)
+        )
         ratio = statistics.median(r[1][1] / r[0][1] for r in runs)
-        rows += [(f"batch {batch_size}: 1 process x 2 threads, s/epoch and images/s", f"{s1:.1f} s, {r1:,.0f}"),
-                 (f"batch {batch_size}: torchrun 2 processes x 1 thread, s/epoch and images/s", f"{s2:.1f} s, {r2:,.0f}"),
-                 (f"batch {batch_size}: speed-up, 2 processes / 1 process, same run", f"{ratio:.2f}x")]
+        rows += [
+            (f"batch {batch_size}: 1 process x 2 threads, s/epoch and images/s", f"{s1:.1f} s, {r1:,.0f}"),
+            (f"batch {batch_size}: torchrun 2 processes x 1 thread, s/epoch and images/s", f"{s2:.1f} s, {r2:,.0f}"),
+            (f"batch {batch_size}: speed-up, 2 processes / 1 process, same run", f"{ratio:.2f}x"),
+        ]
     return rows
 
 
@@ -241,20 +316,42 @@ def factor_rows(data_dir: str, repeats: int) -> list[tuple[str, str]]:
     cfg = Config()
     splits = load_splits(data_dir, cfg.val_size, cfg.split_seed, download=False)
     from torchvision import transforms
-    reference_data = ReferenceMNIST(splits["train"].images, splits["train"].labels, transforms.Compose(
-        [transforms.ToTensor(), transforms.Normalize((MNIST_MEAN,), (MNIST_STD,))]))
+
+    reference_data = ReferenceMNIST(
+        splits["train"].images,
+        splits["train"].labels,
+        transforms.Compose([transforms.ToTensor(), transforms.Normalize((MNIST_MEAN,), (MNIST_STD,))]),
+    )
     n_images, at_64 = 12_800, replace(cfg, batch_size=64)
-    steps = [("reference post: PIL list, DataLoader, batch 64, contiguous", lambda: reference(reference_data, n_images)),
-             ("tensor-resident, batch 64, contiguous", lambda: ours(splits["train"], at_64, n_images, torch.contiguous_format)),
-             ("tensor-resident, batch 64, channels-last", lambda: ours(splits["train"], at_64, n_images)),
-             ("tensor-resident, batch 128, channels-last (train.py)", lambda: ours(splits["train"], cfg, n_images))]
+    steps = [
+        ("reference post: PIL list, DataLoader, batch 64, contiguous", lambda: reference(reference_data, n_images)),
+        (
+            "tensor-resident, batch 64, contiguous",
+            lambda: ours(splits["train"], at_64, n_images, torch.contiguous_format),
+        ),
+        ("tensor-resident, batch 64, channels-last", lambda: ours(splits["train"], at_64, n_images)),
+        ("tensor-resident, batch 128, channels-last (train.py)", lambda: ours(splits["train"], cfg, n_images)),
+    ]
     runs = [[measure() for _, measure in steps] for _ in range(repeats)]
-    rows = [(f"train images/s, {name}", f"{statistics.median(r[i] for r in runs):,.0f}") for i, (name, _) in enumerate(steps)]
-    factors = ["tensor-resident data instead of PIL + DataLoader", "channels-last instead of contiguous tensors",
-               "batch 128 instead of 64"]
-    rows += [(f"speed-up, {name}, same run", f"{statistics.median(r[i + 1] / r[i] for r in runs):.2f}x")
-             for i, name in enumerate(factors)]
-    rows.append(("speed-up, all three (train.py / reference post), same run", f"{statistics.median(r[3] / r[0] for r in runs):.2f}x"))
+    rows = [
+        (f"train images/s, {name}", f"{statistics.median(r[i] for r in runs):,.0f}")
+        for i, (name, _) in enumerate(steps)
+    ]
+    factors = [
+        "tensor-resident data instead of PIL + DataLoader",
+        "channels-last instead of contiguous tensors",
+        "batch 128 instead of 64",
+    ]
+    rows += [
+        (f"speed-up, {name}, same run", f"{statistics.median(r[i + 1] / r[i] for r in runs):.2f}x")
+        for i, name in enumerate(factors)
+    ]
+    rows.append(
+        (
+            "speed-up, all three (train.py / reference post), same run",
+            f"{statistics.median(r[3] / r[0] for r in runs):.2f}x",
+        )
+    )
     return rows
 
 
@@ -263,12 +360,18 @@ def main() -> None:
     parser.add_argument("--data-dir", default=os.environ.get("MNIST_DATA_DIR", "data"))
     parser.add_argument("--repeats", type=int, default=5, help="runs per throughput figure (median)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds for time-to-accuracy and the default run")
-    parser.add_argument("--fast", nargs="*", default=["--epochs", "3"],
-                        help="train.py flags of the time-to-99%% recipe (default: --epochs 3)")
+    parser.add_argument(
+        "--fast",
+        nargs="*",
+        default=["--epochs", "3"],
+        help="train.py flags of the time-to-99%% recipe (default: --epochs 3)",
+    )
     parser.add_argument("--out-dir", type=Path, default=Path("runs/benchmark"))
     parser.add_argument("--ddp", action="store_true", help="measure only 1 process against 2 under torchrun")
     parser.add_argument("--baseline", metavar="REV", help="measure only this version against git revision REV")
-    parser.add_argument("--factors", action="store_true", help="measure only the speed-up over the reference, factor by factor")
+    parser.add_argument(
+        "--factors", action="store_true", help="measure only the speed-up over the reference, factor by factor"
+    )
     args = parser.parse_args()
 
     if args.factors:
@@ -285,20 +388,30 @@ def main() -> None:
     cfg = Config()
     splits = load_splits(args.data_dir, cfg.val_size, cfg.split_seed, download=False)
     from torchvision import transforms
-    reference_data = ReferenceMNIST(splits["train"].images, splits["train"].labels, transforms.Compose(
-        [transforms.ToTensor(), transforms.Normalize((MNIST_MEAN,), (MNIST_STD,))]))
+
+    reference_data = ReferenceMNIST(
+        splits["train"].images,
+        splits["train"].labels,
+        transforms.Compose([transforms.ToTensor(), transforms.Normalize((MNIST_MEAN,), (MNIST_STD,))]),
+    )
     rows = []
 
     n_images = 12_800
-    runs = [(ours(splits["train"], cfg, n_images), reference(reference_data, n_images),
-             ours(splits["train"], cfg, n_images, torch.contiguous_format)) for _ in range(args.repeats)]
+    runs = [
+        (
+            ours(splits["train"], cfg, n_images),
+            reference(reference_data, n_images),
+            ours(splits["train"], cfg, n_images, torch.contiguous_format),
+        )
+        for _ in range(args.repeats)
+    ]
     ours_ips, ref_ips = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
     ratio = statistics.median(r[0] / r[1] for r in runs)
     channels_last_gain = statistics.median(r[0] / r[2] for r in runs)
     peak, peak_how = peak_flops()
     flops = cnn_train_flops()
     rows += [
-        ("train images/s, ours (batch %d, channels-last)" % cfg.batch_size, f"{ours_ips:,.0f}"),
+        (f"train images/s, ours (batch {cfg.batch_size}, channels-last)", f"{ours_ips:,.0f}"),
         ("train images/s, reference post (PIL list, DataLoader, batch 64)", f"{ref_ips:,.0f}"),
         ("speed-up, ours / reference (data, memory format and batch together)", f"{ratio:.2f}x"),
         ("speed-up, channels-last / contiguous (NCHW) tensors, same run", f"{channels_last_gain:.2f}x"),
@@ -307,25 +420,39 @@ def main() -> None:
     ]
 
     fast_cfg = parse_args(args.fast)
-    seeds = [time_to_accuracy(splits, parse_args([*args.fast, "--seed", str(seed)]), 0.99) for seed in range(args.seeds)]
+    seeds = [
+        time_to_accuracy(splits, parse_args([*args.fast, "--seed", str(seed)]), 0.99) for seed in range(args.seeds)
+    ]
     reached = [seconds for seconds, _, _ in seeds if seconds is not None]
     rows += [
-        (f"time to 99.0% test accuracy ({' '.join(args.fast)}: batch {fast_cfg.batch_size}, lr {fast_cfg.lr}), "
-         f"median of {args.seeds} seeds", f"{statistics.median(reached):.1f} s" if len(reached) * 2 > len(seeds) else "not reached"),
-        ("  per seed: seconds (epochs, test accuracy)",
-         ", ".join(f"{'not reached' if s is None else f'{s:.1f}'} ({e}, {a:.2%})" for s, e, a in seeds)),
+        (
+            f"time to 99.0% test accuracy ({' '.join(args.fast)}: batch {fast_cfg.batch_size}, lr {fast_cfg.lr}), "
+            f"median of {args.seeds} seeds",
+            f"{statistics.median(reached):.1f} s" if len(reached) * 2 > len(seeds) else "not reached",
+        ),
+        (
+            "  per seed: seconds (epochs, test accuracy)",
+            ", ".join(f"{'not reached' if s is None else f'{s:.1f}'} ({e}, {a:.2%})" for s, e, a in seeds),
+        ),
     ]
 
     eval_ips = statistics.median(
-        len(splits["test"]) / timed(lambda: model_logits(build_model("cnn"), splits["test"].images, cfg.eval_batch_size))
-        for _ in range(args.repeats))
+        len(splits["test"])
+        / timed(lambda: model_logits(build_model("cnn"), splits["test"].images, cfg.eval_batch_size))
+        for _ in range(args.repeats)
+    )
     rows.append((f"evaluation images/s (batch {cfg.eval_batch_size})", f"{eval_ips:,.0f}"))
 
     whole = [whole_run(args.data_dir, args.out_dir / f"default-seed{i}", i) for i in range(args.seeds)]
     rows += [
-        (f"default `python train.py`: wall time, median of {args.seeds} seeds", f"{statistics.median(w['wall'] for w in whole):.1f} s"),
-        ("default `python train.py`: test accuracy, median (per seed)", f"{statistics.median(w['acc'] for w in whole):.2%} "
-         f"({', '.join(format(w['acc'], '.2%') for w in whole)})"),
+        (
+            f"default `python train.py`: wall time, median of {args.seeds} seeds",
+            f"{statistics.median(w['wall'] for w in whole):.1f} s",
+        ),
+        (
+            "default `python train.py`: test accuracy, median (per seed)",
+            f"{statistics.median(w['acc'] for w in whole):.2%} ({', '.join(format(w['acc'], '.2%') for w in whole)})",
+        ),
         ("default `python train.py`: peak RSS", f"{max(w['rss'] for w in whole):,.0f} MiB"),
     ]
 

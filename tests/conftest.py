@@ -1,4 +1,6 @@
 """Shared fixtures: tiny synthetic MNIST written in the real IDX format, so the real reading code runs."""
+
+import contextlib
 import gzip
 import os
 import shutil
@@ -15,7 +17,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from data import RAW_FILES  # noqa: E402
+from data import RAW_FILES
 
 # Real MNIST for the real-data checks: $MNIST_DATA_DIR, else the shared copy beside the repo.
 REAL_DATA = Path(os.environ.get("MNIST_DATA_DIR", ROOT.parent / "shared" / "data"))
@@ -45,14 +47,15 @@ def synthetic_digits(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     images = rng.integers(0, 40, size=(n, 28, 28), dtype=np.uint8)
     for image, k in zip(images, labels):
         row, col = 2 + 9 * (k // 4), 2 + 6 * (k % 4)
-        image[row:row + 8, col:col + 8] = rng.integers(180, 256, size=(8, 8))
+        image[row : row + 8, col : col + 8] = rng.integers(180, 256, size=(8, 8))
     noisy = rng.random(n) < 0.05
     labels[noisy] = rng.integers(0, 10, size=noisy.sum())
     return images, labels.astype(np.uint8)
 
 
-def write_mnist(root: Path, n_train: int = N_TRAIN, n_test: int = N_TEST, folder: str = "MNIST/raw",
-                gz: Collection[str] = ()) -> Path:
+def write_mnist(
+    root: Path, n_train: int = N_TRAIN, n_test: int = N_TEST, folder: str = "MNIST/raw", gz: Collection[str] = ()
+) -> Path:
     """Write the four MNIST files under root/folder/ (the files named in gz gzipped, with .gz added) and return root."""
     raw = root / folder
     raw.mkdir(parents=True, exist_ok=True)
@@ -75,14 +78,33 @@ def run_flags(run_dir) -> list[str]:
 
 def fast_args(data_dir, run_dir, *extra) -> list[str]:
     """Command-line flags for a run into the folder run_dir, on the synthetic data, that takes about a second."""
-    return ["--data-dir", str(data_dir), *run_flags(run_dir), "--no-download", "--val-size", "100",
-            "--epochs", "1", "--batch-size", "50", "--device", "cpu", *map(str, extra)]
+    return [
+        "--data-dir",
+        str(data_dir),
+        *run_flags(run_dir),
+        "--no-download",
+        "--val-size",
+        "100",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "50",
+        "--device",
+        "cpu",
+        *map(str, extra),
+    ]
 
 
 def run_cli(script: str, *args, timeout=120, **kwargs) -> subprocess.CompletedProcess:
     """Run one of the project's scripts in a fresh Python process, as a user would."""
-    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT, **kwargs)
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        **kwargs,
+    )
 
 
 def one_line_error(result, exit_code=2) -> str:
@@ -116,8 +138,9 @@ def start(command, **popen) -> subprocess.Popen:
     """Start a process whose stdout the test reads line by line while it runs. Its stderr goes to a temporary
     file rather than a pipe: a pipe that nobody reads blocks the writer once it holds 64 KiB."""
     stderr = tempfile.TemporaryFile("w+")
-    proc = subprocess.Popen([str(part) for part in command], cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr,
-                            text=True, **popen)
+    proc = subprocess.Popen(
+        [str(part) for part in command], cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr, text=True, **popen
+    )
     proc.stderr_file = stderr
     return proc
 
@@ -148,10 +171,8 @@ def kill_all(proc: subprocess.Popen) -> None:
     """SIGKILL a process and the processes it started (torchrun and its workers), and reap it."""
     if proc.poll() is None:  # once reaped, its PID may already belong to another process
         for pid in [*children(proc), proc.pid]:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
     proc.communicate()
 
 
@@ -177,6 +198,7 @@ def call_main(capsys, main, args) -> subprocess.CompletedProcess:
 def run_main(capsys):
     """train.py's main, run in this process."""
     import train
+
     return lambda *args: call_main(capsys, train.main, args)
 
 

@@ -89,8 +89,10 @@ def test_what_comes_in_from_outside_the_image_is_mnist_black(cfg):
     grid = F.affine_grid(augment.affine_matrices(cfg, 16, 0, 0).float(), [16, 1, 28, 28], align_corners=False)
     reference = (F.grid_sample(torch.ones(16, 1, 28, 28), grid, align_corners=False) - MNIST_MEAN) / MNIST_STD
     torch.testing.assert_close(out, reference)
-    assert out.min() < -0.4 and torch.equal(augment.batch(normalize(torch.zeros(4, 28, 28, dtype=torch.uint8)),
-                                                          cfg, 0, 0, 4), normalize(torch.zeros(4, 28, 28)))
+    assert out.min() < -0.4 and torch.equal(
+        augment.batch(normalize(torch.zeros(4, 28, 28, dtype=torch.uint8)), cfg, 0, 0, 4),
+        normalize(torch.zeros(4, 28, 28)),
+    )
 
 
 @pytest.mark.parametrize("cfg", [Config(), STRONG])
@@ -130,8 +132,19 @@ def test_only_training_batches_are_augmented(mnist_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(augment, "batch", lambda *args: calls.append(args[3]) or real(*args))
     assert train.main(fast_args(mnist_dir, tmp_path, "--epochs", 2)) == 0
     assert calls == list(range(STEPS_PER_EPOCH)) * 2
-    assert evaluate.main(["--data-dir", str(mnist_dir), "--no-download", "--out-dir", str(tmp_path / "eval"),
-                          str(tmp_path / "best.pt")]) == 0
+    assert (
+        evaluate.main(
+            [
+                "--data-dir",
+                str(mnist_dir),
+                "--no-download",
+                "--out-dir",
+                str(tmp_path / "eval"),
+                str(tmp_path / "best.pt"),
+            ]
+        )
+        == 0
+    )
     model, ckpt = load_checkpoint(tmp_path / "best.pt")
     test = load_splits(mnist_dir, 100, 0, download=False)["test"]
     classes, _ = predict(model, test.images, prepare=False)
@@ -145,7 +158,7 @@ def test_resume_keeps_the_augmentation_and_refuses_to_change_it(mnist_dir, tmp_p
     ckpt = load_checkpoint(tmp_path / "last.pt")[1]
     assert ckpt["config"]["augment"] is True and ckpt["config"]["aug_rotate"] == 7.0
     assert not {"augment", "aug_rotate", "aug_scale", "aug_shear", "aug_shift"} & train.RESUMABLE_CHANGES
-    with pytest.raises(Exception, match="cannot resume.*aug_rotate 7.0 -> 5.0"):
+    with pytest.raises(Exception, match=r"cannot resume.*aug_rotate 7\.0 -> 5\.0"):
         train.resume_config(ckpt["config"], ["--aug-rotate", "5"])
     assert train.resume_config(ckpt["config"], ["--epochs", "2"]).aug_rotate == 7.0
 
@@ -153,8 +166,21 @@ def test_resume_keeps_the_augmentation_and_refuses_to_change_it(mnist_dir, tmp_p
 @needs_real_data
 def test_augmentation_trains_at_least_as_well_on_real_mnist(real_run, tmp_path):
     """Three epochs of the default recipe on real MNIST: with augmentation, test accuracy no worse than without."""
-    assert train.main(["--data-dir", str(REAL_DATA), *run_flags(tmp_path / "off"), "--epochs", "3", "--no-download",
-                       "--no-augment", "--no-tensorboard"]) == 0
+    assert (
+        train.main(
+            [
+                "--data-dir",
+                str(REAL_DATA),
+                *run_flags(tmp_path / "off"),
+                "--epochs",
+                "3",
+                "--no-download",
+                "--no-augment",
+                "--no-tensorboard",
+            ]
+        )
+        == 0
+    )
     on = json.loads((real_run / "metrics.json").read_text())
     off = json.loads((tmp_path / "off" / "metrics.json").read_text())
     assert load_checkpoint(real_run / "last.pt")[1]["config"]["augment"] is True and len(on["history"]) == 3

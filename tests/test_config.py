@@ -14,9 +14,30 @@ def test_no_flags_gives_the_defaults():
 
 def test_overrides_parse_to_the_field_types():
     """Flags become values of the field's own type; an int is accepted for a float field."""
-    cfg = parse_args(["--epochs", "3", "--lr=1", "--data-dir", "../shared/data", "--model", "fcnn",
-                      "--no-nesterov", "--momentum", "0", "--seed", "7"])
-    assert (cfg.epochs, cfg.lr, cfg.data_dir, cfg.model, cfg.nesterov, cfg.seed) == (3, 1.0, "../shared/data", "fcnn", False, 7)
+    cfg = parse_args(
+        [
+            "--epochs",
+            "3",
+            "--lr=1",
+            "--data-dir",
+            "../shared/data",
+            "--model",
+            "fcnn",
+            "--no-nesterov",
+            "--momentum",
+            "0",
+            "--seed",
+            "7",
+        ]
+    )
+    assert (cfg.epochs, cfg.lr, cfg.data_dir, cfg.model, cfg.nesterov, cfg.seed) == (
+        3,
+        1.0,
+        "../shared/data",
+        "fcnn",
+        False,
+        7,
+    )
     assert type(cfg.epochs) is int and type(cfg.lr) is float and type(cfg.nesterov) is bool
 
 
@@ -46,19 +67,22 @@ def test_every_field_has_a_flag_that_sets_it():
         assert {value for _, value in cases} != {default}, f"{f.name}: no flag moved it off its default"
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--lrr", "0.1"], "unknown option --lrr (did you mean --lr?); valid options: --data-dir"),
-    (["--epochs", "three"], "--epochs takes an integer, got 'three'"),
-    (["--epochs", "2.5"], "--epochs takes an integer, got '2.5'"),
-    (["--lr", "-0.1"], "lr (--lr) must be > 0, got -0.1"),
-    (["--lr", "nan"], "lr (--lr) must be a finite number"),
-    (["--model", "resnet"], "model (--model) must be one of cnn, fcnn; got 'resnet'"),
-    (["--device", "tpu"], "device (--device) must be auto or a device type torch knows"),
-    (["--val-size", "60000"], "val_size (--val-size) must be <= 59999"),
-    (["--momentum", "0"], "nesterov needs momentum > 0"),
-    (["--epochs"], "argument --epochs: expected one argument"),
-    (["extra"], "unexpected argument 'extra'"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--lrr", "0.1"], "unknown option --lrr (did you mean --lr?); valid options: --data-dir"),
+        (["--epochs", "three"], "--epochs takes an integer, got 'three'"),
+        (["--epochs", "2.5"], "--epochs takes an integer, got '2.5'"),
+        (["--lr", "-0.1"], "lr (--lr) must be > 0, got -0.1"),
+        (["--lr", "nan"], "lr (--lr) must be a finite number"),
+        (["--model", "resnet"], "model (--model) must be one of cnn, fcnn; got 'resnet'"),
+        (["--device", "tpu"], "device (--device) must be auto or a device type torch knows"),
+        (["--val-size", "60000"], "val_size (--val-size) must be <= 59999"),
+        (["--momentum", "0"], "nesterov needs momentum > 0"),
+        (["--epochs"], "argument --epochs: expected one argument"),
+        (["extra"], "unexpected argument 'extra'"),
+    ],
+)
 def test_bad_values_name_the_field_and_what_is_allowed(argv, message):
     """A bad flag or value raises UserError whose one-line message says what is wrong."""
     with pytest.raises(UserError) as err:

@@ -32,8 +32,10 @@ def test_items_are_normalised_with_the_mnist_constants(mnist_dir):
 
 def test_split_is_disjoint_and_deterministic(mnist_dir):
     """Val and train share no image, the same seed gives the same split, another seed another split."""
+
     def val_images(seed):
         return load_splits(mnist_dir, val_size=100, split_seed=seed, download=False)
+
     a, b, c = val_images(0), val_images(0), val_images(1)
     train_rows = {bytes(x.numpy()) for x in a["train"].images}
     assert not train_rows & {bytes(x.numpy()) for x in a["val"].images}
@@ -63,14 +65,19 @@ def damaged(mnist_dir, tmp_path):
 
 def test_missing_data_with_download_off_says_where_and_how(tmp_path):
     """Missing files with download off: one line naming the expected folder and the two fixes."""
-    with pytest.raises(UserError, match=rf"MNIST is not in {tmp_path}/MNIST/raw or {tmp_path}; drop --no-download to fetch it"):
+    with pytest.raises(
+        UserError, match=rf"MNIST is not in {tmp_path}/MNIST/raw or {tmp_path}; drop --no-download to fetch it"
+    ):
         load_split(tmp_path, train=True, download=False)
 
 
 def test_failed_download_is_one_line(tmp_path, monkeypatch):
     """When every mirror fails (as offline), the error names the folder and the way out."""
     monkeypatch.setattr(torchvision.datasets.MNIST, "mirrors", ["http://127.0.0.1:9/"])
-    with pytest.raises(UserError, match=rf"could not download MNIST into {tmp_path}/MNIST/raw .*copy the four IDX files \(plain or .gz\) there"):
+    with pytest.raises(
+        UserError,
+        match=rf"could not download MNIST into {tmp_path}/MNIST/raw .*copy the four IDX files \(plain or .gz\) there",
+    ):
         load_split(tmp_path, train=True, download=True)
 
 
@@ -81,11 +88,14 @@ def test_data_dir_that_is_a_file(tmp_path):
         load_split(tmp_path / "file", train=True, download=True)
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda p: p.write_bytes(p.read_bytes()[:-100]), "is truncated or corrupt"),
-    (lambda p: p.write_bytes(b"\x00\x00\x08\x01" + p.read_bytes()[4:]), "wrong magic number"),
-    (lambda p: p.write_bytes(b""), "wrong magic number"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda p: p.write_bytes(p.read_bytes()[:-100]), "is truncated or corrupt"),
+        (lambda p: p.write_bytes(b"\x00\x00\x08\x01" + p.read_bytes()[4:]), "wrong magic number"),
+        (lambda p: p.write_bytes(b""), "wrong magic number"),
+    ],
+)
 def test_corrupt_file_is_named(damaged, damage, message):
     """A truncated or wrong-magic IDX file gets a one-line error naming that file."""
     path = damaged / "MNIST" / "raw" / RAW_FILES["train"][0]
@@ -97,8 +107,10 @@ def test_corrupt_file_is_named(damaged, damage, message):
 
 def test_unreadable_file_is_named(damaged, monkeypatch):
     """A file the OS will not let us read (tests run as root, so the refusal is simulated) is named with the reason."""
+
     def refuse(path, *args, **kwargs):
         raise PermissionError(13, "Permission denied", str(path))
+
     monkeypatch.setattr(data, "open", refuse, raising=False)  # data.py's own `open`, not the builtin
     with pytest.raises(UserError, match=rf"cannot read {damaged}/MNIST/raw/train-images-idx3-ubyte: Permission denied"):
         load_split(damaged, train=True, download=False)

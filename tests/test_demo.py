@@ -1,4 +1,5 @@
 """demo.py: POST /predict through the framework's test client, and the real server as a user starts it."""
+
 import asyncio
 import base64
 import io
@@ -23,7 +24,7 @@ from digits import MAX_PIXELS, prepare_digit
 from model import load_checkpoint, predict
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from demo_browser import serve  # noqa: E402
+from demo_browser import serve
 
 with warnings.catch_warnings():  # starlette 1.x suggests httpx2 for its test client; httpx works the same
     warnings.filterwarnings("ignore", "Using `httpx` with `starlette.testclient`")
@@ -48,11 +49,17 @@ def pad_png(digit: str = "7", size: int = 280, transparent: bool = True) -> byte
 def huge_png(width: int, height: int) -> bytes:
     """A valid PNG header claiming width x height white pixels, with one row of data: decoding it would fail
     (or take gigabytes), so only a check of the header itself can give the pixel-limit error."""
+
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" + b"\xff" * width))
-            + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" + b"\xff" * width))
+        + chunk(b"IEND", b"")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +78,7 @@ def post(client, data: bytes, name="pad.png", field="image"):
 
 
 # --- the answer ------------------------------------------------------------------------------
+
 
 def test_answer_has_every_field_from_the_one_prepare_and_predict_path(client, model):
     """digit, confidence, probabilities and prepared are those of prepare_digit + model.predict on the same image."""
@@ -93,8 +101,10 @@ def test_answer_has_every_field_from_the_one_prepare_and_predict_path(client, mo
 
 def test_transparent_pad_reads_as_white_paper(client):
     """Strokes on the pad's transparent canvas give the 28x28 digit and answer they give on white paper."""
+
     def seen(answer):
         return np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["prepared"].split(",")[1])))).astype(int)
+
     clear, white = post(client, pad_png("1")).json(), post(client, pad_png("1", transparent=False)).json()
     # shrinking to prepare_digit's working size blends stroke edges with transparent black or with white:
     # one grey level apart
@@ -120,6 +130,7 @@ def test_page_and_its_files_are_served_with_the_contract_ids(client):
 
 
 # --- bad input: a 4xx with one line, and the server goes on serving --------------------------
+
 
 def assert_error(response, status: int, *words):
     assert response.status_code == status, response.text
@@ -172,10 +183,20 @@ def asgi_call(app, headers: dict) -> tuple[int, dict, int]:
     async def send(message):
         sent.append(message)
 
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-             "path": "/predict", "raw_path": b"/predict", "query_string": b"", "root_path": "",
-             "headers": [(k.encode(), v.encode()) for k, v in headers.items()],
-             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/predict",
+        "raw_path": b"/predict",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(k.encode(), v.encode()) for k, v in headers.items()],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }
     asyncio.run(asyncio.wait_for(app(scope, receive, send), timeout=10))
     body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
     return sent[0]["status"], json.loads(body), len(reads)
@@ -215,6 +236,7 @@ def test_predict_py_refuses_the_pixel_bomb_too(capsys, trained_run, tmp_path):
 
 # --- the real server -------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def server(trained_run):
     with serve(trained_run / "best.pt") as url:
@@ -234,6 +256,7 @@ def test_forty_concurrent_requests_all_succeed_with_the_same_answer(server):
             def one(i):
                 barrier.wait()  # all 40 start together
                 return http.post("/predict", files={"image": ("pad.png", images[i % 4])})
+
             responses = list(pool.map(one, range(40)))
     assert [r.status_code for r in responses] == [200] * 40
     for i, response in enumerate(responses):
@@ -258,8 +281,9 @@ def test_missing_checkpoint_is_one_error_line(tmp_path):
     """A checkpoint that is not there: exit 2 with one `error:` line, no traceback, no server."""
     result = run_cli("demo.py", "--checkpoint", tmp_path / "nowhere.pt", "--port", "0", timeout=60)
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [f"error: no checkpoint at {tmp_path / 'nowhere.pt'}; "
-                                                  f"train one with `python train.py` or check the path"]
+    assert result.stderr.strip().splitlines() == [
+        f"error: no checkpoint at {tmp_path / 'nowhere.pt'}; train one with `python train.py` or check the path"
+    ]
 
 
 def test_port_in_use_is_one_error_line(trained_run):

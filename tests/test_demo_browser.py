@@ -2,6 +2,7 @@
 
 Skips outside CI when no Chromium is installed (`apt-get install -y chromium`); .ci/run installs it.
 """
+
 import io
 import os
 import sys
@@ -15,7 +16,7 @@ from conftest import ROOT
 from test_demo import pad_png
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from demo_browser import ARGS, CHROMIUM, WAIT_MS, answer, draw, draw_digit, serve  # noqa: E402
+from demo_browser import ARGS, CHROMIUM, WAIT_MS, answer, draw, draw_digit, serve
 
 if not os.path.exists(CHROMIUM):
     if os.environ.get("CI"):
@@ -24,6 +25,7 @@ if not os.path.exists(CHROMIUM):
 sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (requirements-dev.txt)")
 
 # --- fixtures --------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def browser():
@@ -60,6 +62,7 @@ def real_page(browser, real_run):
 
 # --- the page's contract ---------------------------------------------------------------------
 
+
 def test_drawing_shows_a_digit_and_clear_empties_it(synthetic_page):
     """A drawn stroke fills #prediction[data-digit], the bars and the 28x28 view; #clear empties them all."""
     page = synthetic_page
@@ -75,9 +78,10 @@ def test_drawing_shows_a_digit_and_clear_empties_it(synthetic_page):
     assert page.eval_on_selector("#prepared", "img => img.complete && img.naturalWidth") == 28
     page.click("#clear")
     assert page.get_attribute("#prediction", "data-digit") == ""
-    assert page.text_content("#prediction") == "–"
-    assert page.eval_on_selector("#pad", "c => c.getContext('2d').getImageData(0, 0, c.width, c.height)"
-                                          ".data.every(v => v === 0)")
+    assert page.text_content("#prediction") == "\u2013"  # the page's en dash for "no answer yet"
+    assert page.eval_on_selector(
+        "#pad", "c => c.getContext('2d').getImageData(0, 0, c.width, c.height).data.every(v => v === 0)"
+    )
 
 
 def test_live_answers_while_drawing_keep_one_request_in_flight(synthetic_page):
@@ -122,11 +126,14 @@ def test_a_photo_dropped_on_the_page_is_classified(synthetic_page):
     page = synthetic_page
     page.click("#clear")
     data = pad_png("1", transparent=False)
-    transfer = page.evaluate_handle("""bytes => {
+    transfer = page.evaluate_handle(
+        """bytes => {
         const transfer = new DataTransfer();
         transfer.items.add(new File([new Uint8Array(bytes)], "one.png", { type: "image/png" }));
         return transfer;
-    }""", list(data))
+    }""",
+        list(data),
+    )
     page.dispatch_event("h1", "drop", {"dataTransfer": transfer})
     digit = answer(page)
     with httpx.Client(base_url=page.url, timeout=60) as http:

@@ -1,5 +1,7 @@
 """torchrun and DistributedDataParallel: real torchrun processes on the synthetic data, on loopback,
 each with a timeout so that a hang fails fast."""
+
+import contextlib
 import functools
 import gzip
 import http.server
@@ -15,8 +17,19 @@ import pytest
 import torch
 
 import train
-from conftest import (PAUSED, PAUSED_TRAIN, ROOT, children, fast_args, finish, kill_all, paused_at, run_flags, start,
-                      wait_for_line)
+from conftest import (
+    PAUSED,
+    PAUSED_TRAIN,
+    ROOT,
+    children,
+    fast_args,
+    finish,
+    kill_all,
+    paused_at,
+    run_flags,
+    start,
+    wait_for_line,
+)
 from data import RAW_FILES
 from model import load_checkpoint
 
@@ -33,8 +46,9 @@ PAUSE_STEP = 75
 def torchrun(*args, nproc=2, extra=(), script=ROOT / "train.py", **popen) -> subprocess.Popen:
     """Start `torchrun --standalone` (or with `extra` rendezvous flags) on the project's train.py."""
     launch = extra or ["--standalone"]
-    return start([sys.executable, "-m", "torch.distributed.run", *launch, "--nproc-per-node", nproc, script, *args],
-                 **popen)
+    return start(
+        [sys.executable, "-m", "torch.distributed.run", *launch, "--nproc-per-node", nproc, script, *args], **popen
+    )
 
 
 def rows(stdout: str) -> list[list[str]]:
@@ -50,15 +64,20 @@ def weights(run_dir: Path) -> dict:
 def assert_close(a: dict, b: dict) -> None:
     """The same weights up to the order of float sums (DDP adds the ranks' gradients in another order)."""
     for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=lambda detail: f"{key}: {detail}")
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=lambda detail, key=key: f"{key}: {detail}")
 
 
 @pytest.fixture(scope="module")
 def one_process(mnist_dir, tmp_path_factory):
     """A single-process run of one epoch, and its printed output: the trajectory the others must follow."""
     run_dir = tmp_path_factory.mktemp("one") / "run"
-    result = subprocess.run([sys.executable, str(ROOT / "train.py"), *fast_args(mnist_dir, run_dir, *UNEVEN)],
-                            capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *fast_args(mnist_dir, run_dir, *UNEVEN)],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        cwd=ROOT,
+    )
     assert result.returncode == 0, result.stderr
     return run_dir, result.stdout
 
@@ -91,11 +110,30 @@ def test_two_machines_meet_over_loopback(mnist_dir, tmp_path, one_process):
     store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     # Both "machines" share this one's cores: a thread each, as torchrun gives 2 processes on one machine.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launches = [torchrun(*fast_args(mnist_dir, tmp_path / "nodes", *UNEVEN), nproc=1, env=env,
-                         extra=["--nnodes", "2", "--node-rank", node, "--local-addr", "127.0.0.1",
-                                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{store.port}",
-                                "--rdzv-conf", "is_host=0", "--rdzv-id", "test-nodes"])
-                for node in (0, 1)]
+    launches = [
+        torchrun(
+            *fast_args(mnist_dir, tmp_path / "nodes", *UNEVEN),
+            nproc=1,
+            env=env,
+            extra=[
+                "--nnodes",
+                "2",
+                "--node-rank",
+                node,
+                "--local-addr",
+                "127.0.0.1",
+                "--rdzv-backend",
+                "c10d",
+                "--rdzv-endpoint",
+                f"127.0.0.1:{store.port}",
+                "--rdzv-conf",
+                "is_host=0",
+                "--rdzv-id",
+                "test-nodes",
+            ],
+        )
+        for node in (0, 1)
+    ]
     results = [finish(proc) for proc in launches]
     assert [r.returncode for r in results] == [0, 0], [r.stderr[-2000:] for r in results]
     assert_close(weights(tmp_path / "nodes"), weights(one_process[0]))
@@ -108,8 +146,10 @@ def test_a_batch_size_the_world_does_not_divide_is_one_line(mnist_dir, tmp_path)
     result = finish(torchrun(*fast_args(mnist_dir, tmp_path / "odd", "--batch-size", 51)))
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert errors == ["error: batch_size 51 is the whole batch of all 2 processes and must split evenly among them; "
-                      "pass a --batch-size that 2 divides"]
+    assert errors == [
+        "error: batch_size 51 is the whole batch of all 2 processes and must split evenly among them; "
+        "pass a --batch-size that 2 divides"
+    ]
     assert not (tmp_path / "odd").exists()
 
 
@@ -136,10 +176,10 @@ class CountingHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
     def handle(self):
-        try:
+        with contextlib.suppress(
+            ConnectionResetError
+        ):  # torchvision closes its redirect probe without reading the body
             super().handle()
-        except ConnectionResetError:  # torchvision closes its redirect probe without reading the body
-            pass
 
 
 USE_MIRROR = """
@@ -163,7 +203,8 @@ def test_only_one_process_per_machine_downloads(mnist_dir, tmp_path):
     script = tmp_path / "train_from_mirror.py"
     for nproc in (1, 2):
         server = http.server.ThreadingHTTPServer(
-            ("127.0.0.1", 0), functools.partial(CountingHandler, directory=str(served), counts=counts[nproc]))
+            ("127.0.0.1", 0), functools.partial(CountingHandler, directory=str(served), counts=counts[nproc])
+        )
         threading.Thread(target=server.serve_forever, daemon=True).start()
         script.write_text(USE_MIRROR.format(root=str(ROOT), url=f"http://127.0.0.1:{server.server_port}/"))
         args = fast_args(tmp_path / f"fresh{nproc}", tmp_path / "runs" / f"run{nproc}")
@@ -182,8 +223,12 @@ def test_only_one_process_per_machine_downloads(mnist_dir, tmp_path):
 def test_ctrl_c_stops_every_rank_at_one_step_and_the_run_resumes_on_one_process(mnist_dir, tmp_path):
     """SIGINT to torchrun's whole process group: rank 0 saves last.pt mid-epoch and says how to resume, once;
     the run then finishes on 1 process with each epoch once in its history."""
-    proc = torchrun(*fast_args(mnist_dir, tmp_path / "run", *INTERRUPTED), script=PAUSED_TRAIN,
-                    env=paused_at(PAUSE_STEP), start_new_session=True)
+    proc = torchrun(
+        *fast_args(mnist_dir, tmp_path / "run", *INTERRUPTED),
+        script=PAUSED_TRAIN,
+        env=paused_at(PAUSE_STEP),
+        start_new_session=True,
+    )
     try:
         wait_for_line(proc, PAUSED)
         os.killpg(proc.pid, signal.SIGINT)
@@ -204,8 +249,9 @@ def test_ctrl_c_stops_every_rank_at_one_step_and_the_run_resumes_on_one_process(
 
 def test_sigterm_to_torchrun_saves_and_stops_the_workers(mnist_dir, tmp_path):
     """SIGTERM to the torchrun agent alone (as SLURM or Kubernetes send it) reaches the workers, which save last.pt."""
-    proc = torchrun(*fast_args(mnist_dir, tmp_path / "run", *INTERRUPTED), script=PAUSED_TRAIN,
-                    env=paused_at(PAUSE_STEP))
+    proc = torchrun(
+        *fast_args(mnist_dir, tmp_path / "run", *INTERRUPTED), script=PAUSED_TRAIN, env=paused_at(PAUSE_STEP)
+    )
     try:
         wait_for_line(proc, PAUSED)
         proc.send_signal(signal.SIGTERM)
@@ -221,8 +267,9 @@ def test_sigterm_to_torchrun_saves_and_stops_the_workers(mnist_dir, tmp_path):
 
 def test_sigterm_stops_a_single_process_run_like_ctrl_c(mnist_dir, tmp_path):
     """SIGTERM to a plain `python train.py` saves last.pt at the current step and exits 130 with the resume command."""
-    proc = start([sys.executable, PAUSED_TRAIN, *fast_args(mnist_dir, tmp_path / "run", *INTERRUPTED)],
-                 env=paused_at(PAUSE_STEP))
+    proc = start(
+        [sys.executable, PAUSED_TRAIN, *fast_args(mnist_dir, tmp_path / "run", *INTERRUPTED)], env=paused_at(PAUSE_STEP)
+    )
     try:
         wait_for_line(proc, PAUSED)
         proc.send_signal(signal.SIGTERM)
@@ -241,8 +288,12 @@ def test_a_killed_worker_is_restarted_and_the_run_finishes(mnist_dir, tmp_path):
     in the same run folder, and the run ends with each epoch once in its history."""
     if not Path("/proc").is_dir():
         pytest.skip("finding torchrun's workers needs /proc")
-    proc = torchrun(*fast_args(mnist_dir, tmp_path / "runs" / "run", *INTERRUPTED), script=PAUSED_TRAIN,
-                    env=paused_at(PAUSE_STEP), extra=["--standalone", "--max-restarts", "1"])
+    proc = torchrun(
+        *fast_args(mnist_dir, tmp_path / "runs" / "run", *INTERRUPTED),
+        script=PAUSED_TRAIN,
+        env=paused_at(PAUSE_STEP),
+        extra=["--standalone", "--max-restarts", "1"],
+    )
     try:
         wait_for_line(proc, PAUSED)  # epoch 1 is in last.pt; the restarted group does not pause
         os.kill(children(proc)[-1], signal.SIGKILL)
@@ -260,6 +311,7 @@ def test_a_killed_worker_is_restarted_and_the_run_finishes(mnist_dir, tmp_path):
 @pytest.mark.parametrize("first, then", [(1, 2), (2, 1)])
 def test_a_run_resumes_under_another_world_size(mnist_dir, tmp_path, first, then):
     """A run saved under N processes resumes under M with the same global batch, and ends where 1 process would."""
+
     def run(nproc, run_dir, *extra):
         args = fast_args(mnist_dir, run_dir, *UNEVEN, *extra)
         if nproc == 1:
@@ -267,6 +319,7 @@ def test_a_run_resumes_under_another_world_size(mnist_dir, tmp_path, first, then
         else:
             result = finish(torchrun(*args, nproc=nproc))
             assert result.returncode == 0, result.stderr[-3000:]
+
     run(1, tmp_path / "reference")
     run(1, tmp_path / "reference", "--epochs", 2, "--resume")
     run(first, tmp_path / "mixed")

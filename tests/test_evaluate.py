@@ -22,6 +22,7 @@ def run_evaluate(capsys):
 def fcnn_run(mnist_dir, tmp_path_factory):
     """A finished one-epoch FCNN run on the synthetic data, to compare against the CNN."""
     import train
+
     out = tmp_path_factory.mktemp("fcnn")
     assert train.main(fast_args(mnist_dir, out, "--model", "fcnn", "--fcnn-hidden", 32)) == 0
     return out
@@ -33,10 +34,15 @@ def test_evaluate_writes_every_figure_and_the_comparison(trained_run, fcnn_run, 
     assert result.returncode == 0, result.stderr
     cnn, fcnn = trained_run.name, fcnn_run.name
     assert {p.name for p in tmp_path.iterdir()} == {
-        "curves.png", f"confusion_{cnn}.png", f"mistakes_{cnn}.png", f"filters_{cnn}.png",
-        f"confusion_{fcnn}.png", f"mistakes_{fcnn}.png"}
+        "curves.png",
+        f"confusion_{cnn}.png",
+        f"mistakes_{cnn}.png",
+        f"filters_{cnn}.png",
+        f"confusion_{fcnn}.png",
+        f"mistakes_{fcnn}.png",
+    }
     assert all(p.stat().st_size > 10_000 for p in tmp_path.iterdir())
-    table = result.stdout[result.stdout.index("run "):]
+    table = result.stdout[result.stdout.index("run ") :]
     assert f"{cnn}" in table and "8,490" in table and f"{784 * 32 + 32 + 330:,}" in table
 
 
@@ -47,8 +53,12 @@ def test_figures_go_into_the_evaluated_runs_own_folder(trained_run, mnist_dir, t
     shutil.copy(trained_run / "best.pt", run / "best.pt")
     assert run_evaluate(run / "best.pt", "--data-dir", mnist_dir).returncode == 0
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()) == [
-        "runs/cnn/best.pt", "runs/cnn/eval/confusion_cnn.png", "runs/cnn/eval/curves.png",
-        "runs/cnn/eval/filters_cnn.png", "runs/cnn/eval/mistakes_cnn.png"]
+        "runs/cnn/best.pt",
+        "runs/cnn/eval/confusion_cnn.png",
+        "runs/cnn/eval/curves.png",
+        "runs/cnn/eval/filters_cnn.png",
+        "runs/cnn/eval/mistakes_cnn.png",
+    ]
 
 
 def test_evaluate_help(capsys):
@@ -96,10 +106,13 @@ def test_confusion_matrix_on_known_labels():
     assert matrix[0, 0] == 1 and matrix[0, 1] == 1 and matrix[1, 1] == 1 and matrix[9, 0] == 1 and matrix.sum() == 4
 
 
-@pytest.mark.parametrize("make_path, message", [
-    (lambda tmp, run: tmp / "missing.pt", "no checkpoint at"),
-    (lambda tmp, run: (tmp / "x.pt").write_text("hello") and tmp / "x.pt", "is not a readable checkpoint"),
-])
+@pytest.mark.parametrize(
+    "make_path, message",
+    [
+        (lambda tmp, run: tmp / "missing.pt", "no checkpoint at"),
+        (lambda tmp, run: (tmp / "x.pt").write_text("hello") and tmp / "x.pt", "is not a readable checkpoint"),
+    ],
+)
 def test_bad_checkpoint_paths_are_one_line_errors(tmp_path, trained_run, run_evaluate, make_path, message):
     """A missing or non-checkpoint file makes evaluate.py exit 2 with one line, before reading any data."""
     result = run_evaluate(make_path(tmp_path, trained_run), "--data-dir", tmp_path / "nowhere", "--no-download")
@@ -132,8 +145,11 @@ def test_notebook_runs_top_to_bottom(trained_run, monkeypatch):
     """The inference notebook executes every cell against a freshly trained checkpoint, without errors."""
     monkeypatch.setenv("MNIST_CHECKPOINT", str(trained_run / "best.pt"))
     notebook = nbformat.read(ROOT / "notebooks" / "inference.ipynb", as_version=4)
-    assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code"), "commit it with outputs cleared"
-    NotebookClient(notebook, timeout=120, kernel_name="python3",
-                   resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
+    assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code"), (
+        "commit it with outputs cleared"
+    )
+    NotebookClient(
+        notebook, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(ROOT / "notebooks")}}
+    ).execute()
     outputs = "".join(o.get("text", "") for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs)
     assert "looks like a" in outputs and "from epoch" in outputs

@@ -70,6 +70,7 @@ def as_pixels(images: torch.Tensor) -> torch.Tensor:
 
 # --- round trips -----------------------------------------------------------------------------
 
+
 def test_export_writes_both_files_beside_the_latest_checkpoint(exported):
     """With no arguments, export.py takes the latest run's best.pt and writes best.onnx and best.pt2 beside it."""
     run, out = exported
@@ -86,7 +87,9 @@ def test_export_prints_the_difference_and_both_accuracies(exported, trained_run)
     expected = (model_logits(model, images).argmax(dim=1) == labels).float().mean().item()
     assert "verifying on the MNIST test set in" in out and f"checkpoint accuracy {expected:.2%}" in out
     for fmt in ("onnx", "pt2"):
-        row = re.search(rf"^{fmt} +max \|logit difference\| (\S+) \(tolerance 1e-04\), accuracy (\S+)%$", out, re.MULTILINE)
+        row = re.search(
+            rf"^{fmt} +max \|logit difference\| (\S+) \(tolerance 1e-04\), accuracy (\S+)%$", out, re.MULTILINE
+        )
         assert row, out
         assert float(row[1]) <= ATOL and row[2] == f"{expected * 100:.2f}"
 
@@ -170,18 +173,22 @@ def test_export_round_trip_on_real_mnist(real_run, tmp_path, run_export):
 
 # --- the README's few lines --------------------------------------------------------------------
 
+
 def test_docs_snippet_runs_without_this_project(exported, trained_run, tmp_path):
     """docs/export.md's plain-Python onnxruntime lines run in a bare folder and name the model's digit."""
     text = (ROOT / "docs" / "export.md").read_text()
-    snippet = re.search(r"```python\n(.*?)```", text[text.index("## From plain Python"):], re.DOTALL)[1]
+    snippet = re.search(r"```python\n(.*?)```", text[text.index("## From plain Python") :], re.DOTALL)[1]
     assert "import export" not in snippet and "from model" not in snippet
     run, _ = exported
     (tmp_path / "runs" / "cnn").mkdir(parents=True)
     shutil.copy(run / "best.onnx", tmp_path / "runs" / "cnn" / "best.onnx")
     images, _ = synthetic_test(trained_run)
     from PIL import Image
+
     Image.fromarray(images[0].numpy()).save(tmp_path / "digit.png")
-    result = subprocess.run([sys.executable, "-c", snippet], check=False, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-c", snippet], check=False, cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr
     model, ckpt = load_checkpoint(trained_run / "best.pt")
     digit = model_logits(model, images[:1]).argmax().item()
@@ -189,6 +196,7 @@ def test_docs_snippet_runs_without_this_project(exported, trained_run, tmp_path)
 
 
 # --- bad input ------------------------------------------------------------------------------------
+
 
 def test_missing_checkpoint(tmp_path, run_export):
     """A path with no file gets one line that says how to make a checkpoint."""

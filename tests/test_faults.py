@@ -1,4 +1,5 @@
 """Every fault and bad input: a clear one-line error, the right exit code, and nothing good lost on disk."""
+
 import errno
 import os
 import signal
@@ -11,13 +12,25 @@ import torch
 import model as model_module
 import rundir
 import train
-from conftest import (PAUSED, PAUSED_TRAIN, ROOT, copy_run, fast_args, finish, kill_all, one_line_error, paused_at,
-                      run_flags, start, wait_for_line)
+from conftest import (
+    PAUSED,
+    PAUSED_TRAIN,
+    ROOT,
+    copy_run,
+    fast_args,
+    finish,
+    kill_all,
+    one_line_error,
+    paused_at,
+    run_flags,
+    start,
+    wait_for_line,
+)
 from model import load_checkpoint, save_checkpoint
 from rundir import atomic_write
 
-
 # --- checkpoints ----------------------------------------------------------------------
+
 
 def test_missing_checkpoint(tmp_path):
     """Loading a path with no file says so and how to make one."""
@@ -66,7 +79,7 @@ def test_pickle_that_runs_code_is_refused_and_never_run(tmp_path):
     """A checkpoint carrying executable pickle content is refused by weights_only loading; its code never runs."""
     marker, path = tmp_path / "pwned", tmp_path / "evil.pt"
     torch.save({"model": {}, "model_name": "cnn", "model_args": {}, "payload": RunsCode(marker)}, path)
-    with pytest.raises(train.UserError, match="refused to load .*could run code"):
+    with pytest.raises(train.UserError, match=r"refused to load .*could run code"):
         load_checkpoint(path)
     assert not marker.exists()
 
@@ -79,8 +92,11 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monke
 
     def disk_full(fd):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
     monkeypatch.setattr(rundir.os, "fsync", disk_full)
-    with pytest.raises(train.UserError, match=r"could not save .*best.pt: No space left on device; the previous file is unchanged"):
+    with pytest.raises(
+        train.UserError, match=r"could not save .*best.pt: No space left on device; the previous file is unchanged"
+    ):
         save_checkpoint({"model": {"w": torch.zeros(3)}, "model_name": "cnn", "model_args": {}}, path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["best.pt"]
@@ -104,8 +120,9 @@ def test_kill_during_save_leaves_the_previous_checkpoint(tmp_path):
     path = tmp_path / "last.pt"
     save_checkpoint({"model": {"w": torch.ones(1000)}, "model_name": "cnn", "model_args": {}}, path)
     before = path.read_bytes()
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_SAVE.format(root=str(ROOT), path=str(path))],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_SAVE.format(root=str(ROOT), path=str(path))], stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout.readline().strip() == "writing"
     assert (tmp_path / ".last.pt.tmp").stat().st_size > 0  # the new file was half-way there
     proc.kill()
@@ -126,6 +143,7 @@ def test_atomic_write_replaces_the_whole_file(tmp_path):
 
 
 # --- training runs ----------------------------------------------------------------------
+
 
 def test_ctrl_c_saves_and_resume_finishes_like_an_unbroken_run(mnist_dir, tmp_path):
     """SIGINT mid-run exits 130 with the resume command; --resume then ends with the unbroken run's weights."""
@@ -169,13 +187,15 @@ def test_divergence_stops_with_advice_and_keeps_the_good_checkpoints(mnist_dir, 
     assert not (tmp_path / "diverging").exists()  # it saved nothing, so it leaves no folder
 
 
-def test_disk_full_during_training_is_one_line_and_keeps_the_old_checkpoints(mnist_dir, trained_run, tmp_path,
-                                                                              run_main, monkeypatch):
+def test_disk_full_during_training_is_one_line_and_keeps_the_old_checkpoints(
+    mnist_dir, trained_run, tmp_path, run_main, monkeypatch
+):
     """When the disk fills up at the first save of a run, it stops with one line and the earlier files are intact."""
     before = earlier_run(trained_run, tmp_path)
 
     def disk_full(fd):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
     monkeypatch.setattr(rundir.os, "fsync", disk_full)
     message = one_line_error(run_main(*fast_args(mnist_dir, tmp_path / "full")))
     assert "could not save" in message and "No space left on device; the previous file is unchanged" in message
@@ -218,12 +238,15 @@ def test_out_dir_that_cannot_be_written_fails_before_training(mnist_dir, tmp_pat
     assert "epoch" not in result.stdout
 
 
-@pytest.mark.parametrize("problem, make_args, message", [
-    ("missing data", lambda tmp: ["--data-dir", tmp / "empty", "--no-download"], "MNIST is not in"),
-    ("data dir is a file", lambda tmp: ["--data-dir", tmp / "file"], "is a file, not a folder"),
-    ("no cuda", lambda tmp: ["--device", "cuda"], "device cuda was asked for, but this torch has no cuda device"),
-    ("amp on cpu", lambda tmp: ["--device", "cpu", "--amp"], "--amp needs a GPU or another accelerator"),
-])
+@pytest.mark.parametrize(
+    "problem, make_args, message",
+    [
+        ("missing data", lambda tmp: ["--data-dir", tmp / "empty", "--no-download"], "MNIST is not in"),
+        ("data dir is a file", lambda tmp: ["--data-dir", tmp / "file"], "is a file, not a folder"),
+        ("no cuda", lambda tmp: ["--device", "cuda"], "device cuda was asked for, but this torch has no cuda device"),
+        ("amp on cpu", lambda tmp: ["--device", "cpu", "--amp"], "--amp needs a GPU or another accelerator"),
+    ],
+)
 def test_cli_reports_bad_setups_in_one_line(tmp_path, run_main, problem, make_args, message):
     """Bad data dirs and unavailable devices end the CLI with one 'error:' line and exit 2."""
     (tmp_path / "file").write_text("")
@@ -235,8 +258,10 @@ def test_cli_reports_bad_setups_in_one_line(tmp_path, run_main, problem, make_ar
 
 def test_a_genuine_bug_still_shows_a_traceback(mnist_dir, tmp_path):
     """Errors that are not user mistakes are not swallowed: a broken model class surfaces with its traceback."""
-    code = ("import sys; sys.path.insert(0, %r); import train, model\n"
-            "model.MODELS['cnn'] = lambda: 1 / 0\n"
-            "sys.exit(train.main(%r))") % (str(ROOT), fast_args(mnist_dir, tmp_path))
+    code = (
+        f"import sys; sys.path.insert(0, {str(ROOT)!r}); import train, model\n"
+        "model.MODELS['cnn'] = lambda: 1 / 0\n"
+        f"sys.exit(train.main({fast_args(mnist_dir, tmp_path)!r}))"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and "Traceback" in result.stderr and "ZeroDivisionError" in result.stderr

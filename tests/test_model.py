@@ -51,5 +51,5 @@ def test_predict_rejects_wrong_shapes_and_types():
     model = CNN()
     with pytest.raises(ValueError, match=r"28x28 digits, one or a batch, not shape \(32, 32\)"):
         predict(model, np.zeros((32, 32), dtype=np.uint8), prepare=False)
-    with pytest.raises(TypeError, match="not torch.int64"):
+    with pytest.raises(TypeError, match=r"not torch\.int64"):
         predict(model, torch.zeros(28, 28, dtype=torch.long), prepare=False)

@@ -1,4 +1,5 @@
 """Figures: plots.py draws with matplotlib's Figure objects, so it never touches a caller's backend or pyplot."""
+
 import subprocess
 import sys
 
@@ -6,7 +7,8 @@ from conftest import ROOT
 
 # Every module of the project, as a notebook or a script would import it; benchmarks/ is a folder of scripts.
 MODULES = sorted(path.stem for path in ROOT.glob("*.py")) + sorted(
-    f"benchmarks.{path.stem}" for path in (ROOT / "benchmarks").glob("*.py"))
+    f"benchmarks.{path.stem}" for path in (ROOT / "benchmarks").glob("*.py")
+)
 
 KEEPS_THE_BACKEND = """
 import sys

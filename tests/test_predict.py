@@ -1,4 +1,5 @@
 """A user's own digits: prepare_digit makes photos and scans look like MNIST, and predict.py classifies them."""
+
 import io
 import json
 
@@ -92,7 +93,13 @@ def test_predict_prepares_every_form_of_image(tmp_path, trained_run):
     model, _ = load_checkpoint(trained_run / "best.pt")
     drawing = drawn_seven()
     drawing.save(tmp_path / "seven.png")
-    forms = [str(tmp_path / "seven.png"), tmp_path / "seven.png", drawing, np.asarray(drawing), torch.from_numpy(np.array(drawing))]
+    forms = [
+        str(tmp_path / "seven.png"),
+        tmp_path / "seven.png",
+        drawing,
+        np.asarray(drawing),
+        torch.from_numpy(np.array(drawing)),
+    ]
     expected = predict(model, prepare_digit(drawing), prepare=False)[1]
     for form in forms:
         assert torch.allclose(predict(model, form)[1], expected)
@@ -112,8 +119,13 @@ def photos(tmp_path) -> dict:
         files[name] = path
     (tmp_path / "notes.txt").write_text("not an image")
     Image.new("RGB", (120, 90), "white").save(tmp_path / "blank.png")
-    files.update({"notes.txt": tmp_path / "notes.txt", "blank.png": tmp_path / "blank.png",
-                  "missing.png": tmp_path / "missing.png"})
+    files.update(
+        {
+            "notes.txt": tmp_path / "notes.txt",
+            "blank.png": tmp_path / "blank.png",
+            "missing.png": tmp_path / "missing.png",
+        }
+    )
     return files
 
 
@@ -130,9 +142,11 @@ def test_cli_prints_one_line_per_image_and_goes_on_after_bad_files(photos, train
     assert [line.split(": ")[0] for line in lines] == [str(photos["a.jpg"]), str(photos["b.png"])]
     assert all(line.split(": ")[1][0].isdigit() and "%)" in line for line in lines)
     errors = result.stderr.splitlines()
-    assert errors == [f"error: {photos['notes.txt']}: not an image PIL can read (JPEG, PNG, ...)",
-                      f"error: {photos['blank.png']}: no digit found: nothing stands out from the background",
-                      f"error: {photos['missing.png']}: no such file"]
+    assert errors == [
+        f"error: {photos['notes.txt']}: not an image PIL can read (JPEG, PNG, ...)",
+        f"error: {photos['blank.png']}: no digit found: nothing stands out from the background",
+        f"error: {photos['missing.png']}: no such file",
+    ]
     assert run_predict(capsys, photos["a.jpg"], "--checkpoint", trained_run / "best.pt").returncode == 0
 
 
@@ -162,6 +176,7 @@ def test_photographed_real_digits_are_read_at_97_percent(real_run):
     """Real MNIST test digits, photographed (scaled, off-centre, mostly dark on light, light, blur, noise, tint,
     JPEG/PNG), are classified at >= 97% through prepare_digit; MNIST itself loses at most 0.2 points through it."""
     from conftest import REAL_DATA
+
     model, _ = load_checkpoint(real_run / "best.pt")
     images, labels = load_split(REAL_DATA, train=False, download=False)
     photos, photo_labels = photo_set(images, labels, count=300)

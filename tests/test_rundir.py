@@ -1,5 +1,6 @@
 """Run folders: a new run never touches another run's files, two processes never share a folder,
 and the latest run is one call away."""
+
 import os
 import re
 import signal
@@ -65,7 +66,7 @@ def test_latest_checkpoint_is_the_run_saved_last(tmp_path):
     (tmp_path / "interrupted" / "last.pt").write_bytes(b"")
     assert rundir.latest_checkpoint(tmp_path) == tmp_path / "aaa-new" / "best.pt"
     assert rundir.latest_run(tmp_path, "last.pt") == tmp_path / "interrupted"
-    with pytest.raises(rundir.UserError, match="no run in .* has a best.pt yet; train one with `python train.py`"):
+    with pytest.raises(rundir.UserError, match=r"no run in .* has a best\.pt yet; train one with `python train\.py`"):
         rundir.latest_checkpoint(tmp_path / "interrupted")
 
 
@@ -103,8 +104,11 @@ with rundir.locked(rundir.Path({run_dir!r})):
 
 def hold_lock(run_dir) -> subprocess.Popen:
     """A process that holds run_dir's lock until it is killed, as a training run does."""
-    proc = subprocess.Popen([sys.executable, "-c", HOLD_LOCK.format(root=str(ROOT), run_dir=str(run_dir))],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK.format(root=str(ROOT), run_dir=str(run_dir))],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout.readline().strip() == "locked"
     return proc
 
@@ -138,8 +142,9 @@ def test_a_lock_left_by_kill_9_does_not_block_the_next_run(mnist_dir, tmp_path, 
 def test_two_runs_started_at_once_write_to_two_folders(mnist_dir, tmp_path):
     """Two `python train.py` processes started together both finish, each in a folder of its own."""
     args = [sys.executable, str(ROOT / "train.py"), "--data-dir", str(mnist_dir), "--out-dir", str(tmp_path), *FAST]
-    procs = [subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
+    procs = [
+        subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)
+    ]
     results = [proc.communicate(timeout=120) for proc in procs]
     assert [proc.returncode for proc in procs] == [0, 0], results
     folders = run_folders(tmp_path)

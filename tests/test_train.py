@@ -1,3 +1,4 @@
+import itertools
 import json
 
 import pytest
@@ -17,8 +18,19 @@ def test_loss_drops_on_a_fixed_batch(tmp_path):
     """train.py's own loop, given one batch of 64 images as its whole training set, cuts that batch's
     cross-entropy by more than half in ten steps (an epoch each)."""
     data = write_mnist(tmp_path / "data", n_train=100 + 64, n_test=50)  # 100 go to validation
-    args = fast_args(data, tmp_path / "run", "--batch-size", 64, "--epochs", 10, "--schedule", "constant",
-                     "--lr", 0.05, "--no-tensorboard")
+    args = fast_args(
+        data,
+        tmp_path / "run",
+        "--batch-size",
+        64,
+        "--epochs",
+        10,
+        "--schedule",
+        "constant",
+        "--lr",
+        0.05,
+        "--no-tensorboard",
+    )
     assert train.main(args) == 0
     losses = [row["train_loss"] for row in load_checkpoint(tmp_path / "run" / "last.pt")[1]["history"]]
     assert len(losses) == 10 and losses[-1] < losses[0] / 2
@@ -28,7 +40,8 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
     """linear rises linearly to the peak over the warm-up, then falls linearly to 0 at the last step."""
     factors = [train.lr_factor(step, 100, "linear", 0.2) for step in range(101)]
     assert factors[0] == 1 / 20 and factors[19] == 1.0 and factors[100] == 0.0
-    assert all(a <= b for a, b in zip(factors[:20], factors[1:20])) and all(a >= b for a, b in zip(factors[19:], factors[20:]))
+    assert all(a <= b for a, b in itertools.pairwise(factors[:20]))
+    assert all(a >= b for a, b in itertools.pairwise(factors[19:]))
     assert train.lr_factor(57, 100, "constant", 0.2) == 1.0
 
 
@@ -53,8 +66,21 @@ def test_training_learns_the_synthetic_digits(trained_run):
 def test_checkpoint_holds_everything_to_rebuild_and_resume(trained_run):
     """best.pt loads with weights_only=True and holds model, optimiser, schedule, config, history and test accuracy."""
     ckpt = torch.load(trained_run / "best.pt", weights_only=True)
-    assert {"model", "model_name", "model_args", "optimizer", "scheduler", "config", "epoch", "history",
-            "best_val_acc", "test_acc", "normalization", "torch_version", "world_size"} <= ckpt.keys()
+    assert {
+        "model",
+        "model_name",
+        "model_args",
+        "optimizer",
+        "scheduler",
+        "config",
+        "epoch",
+        "history",
+        "best_val_acc",
+        "test_acc",
+        "normalization",
+        "torch_version",
+        "world_size",
+    } <= ckpt.keys()
     assert ckpt["model_name"] == "cnn" and ckpt["epoch"] == ckpt["best_epoch"] == len(ckpt["history"])
     assert torch.load(trained_run / "last.pt", weights_only=True)["epoch"] == 2
     assert ckpt["config"]["epochs"] == 2 and ckpt["normalization"] == {"mean": 0.1307, "std": 0.3081}
@@ -88,10 +114,13 @@ def test_resume_continues_the_epoch_count_and_history(mnist_dir, tmp_path):
 
 
 # stop_requested() is asked after every step, and once more after each epoch's checkpoint.
-@pytest.mark.parametrize("answers, stopped_at", [
-    ([False] * STEPS_PER_EPOCH + [True], (1, 0)),  # at the end of epoch 1
-    ([False] * 3 + [True], (0, 4)),                # after step 4 of epoch 1
-])
+@pytest.mark.parametrize(
+    "answers, stopped_at",
+    [
+        ([False] * STEPS_PER_EPOCH + [True], (1, 0)),  # at the end of epoch 1
+        ([False] * 3 + [True], (0, 4)),  # after step 4 of epoch 1
+    ],
+)
 def test_a_stopped_and_resumed_run_matches_the_unbroken_run(mnist_dir, tmp_path, answers, stopped_at):
     """Stopped at an epoch boundary or mid-epoch, then resumed: bitwise the weights and history of an unbroken run."""
     whole, split = tmp_path / "whole", tmp_path / "split"
@@ -104,7 +133,10 @@ def test_a_stopped_and_resumed_run_matches_the_unbroken_run(mnist_dir, tmp_path,
     assert train.main(fast_args(mnist_dir, split, "--epochs", 2, "--resume")) == 0
     (a, a_ckpt), (b, b_ckpt) = (load_checkpoint(d / "last.pt") for d in (whole, split))
     assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
-    drop_time = lambda history: [{k: v for k, v in row.items() if k != "seconds"} for row in history]  # noqa: E731
+
+    def drop_time(history):
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
+
     assert drop_time(a_ckpt["history"]) == drop_time(b_ckpt["history"])
 
 

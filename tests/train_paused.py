@@ -8,6 +8,7 @@ not pause again.
     PAUSE_AFTER_STEP=75 python tests/train_paused.py --epochs 3 ...                  # as train.py
     PAUSE_AFTER_STEP=75 torchrun --nproc-per-node 2 tests/train_paused.py ...
 """
+
 import os
 import signal
 import sys
@@ -15,9 +16,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from torch.optim.optimizer import register_optimizer_step_post_hook  # noqa: E402
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
-import train  # noqa: E402
+import train
 
 PAUSE_AFTER_STEP = int(os.environ["PAUSE_AFTER_STEP"])
 restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
