@@ -55,8 +55,12 @@ def restarts() -> int:
 
 
 def job_id() -> str:
-    """torchrun's id of this job, the same in every restart of it ('' without torchrun)."""
-    return os.environ.get("TORCHELASTIC_RUN_ID", "")
+    """torchrun's id of this job, the same in every restart of it ('' without torchrun).
+
+    Without --standalone, torchrun's --rdzv-id defaults to "none" for every job: that names no job, so a
+    restart of such a job starts a new run rather than adopt another job's folder."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    return "" if run_id == "none" else run_id
 
 
 def print0(*args, **kwargs) -> None:

@@ -201,7 +201,7 @@ def setup(cfg: Config, run_dir: Path, device: torch.device, saved: dict | None, 
     """Seed, data, model, optimiser and schedule, restored from `saved` when resuming; prints what it built."""
     world = distributed.world_size()
     if cfg.amp and device.type == "cpu":
-        raise UserError("--amp needs a GPU or another accelerator, and this run is on the CPU; drop --amp")
+        raise UserError("--amp needs a GPU or another accelerator, and this run is on the CPU; pass --no-amp")
     if cfg.batch_size % world:
         raise UserError(
             f"batch_size {cfg.batch_size} is the whole batch of all {world} processes and must split evenly "

@@ -244,7 +244,11 @@ def test_out_dir_that_cannot_be_written_fails_before_training(mnist_dir, tmp_pat
         ("missing data", lambda tmp: ["--data-dir", tmp / "empty", "--no-download"], "MNIST is not in"),
         ("data dir is a file", lambda tmp: ["--data-dir", tmp / "file"], "is a file, not a folder"),
         ("no cuda", lambda tmp: ["--device", "cuda"], "device cuda was asked for, but this torch has no cuda device"),
-        ("amp on cpu", lambda tmp: ["--device", "cpu", "--amp"], "--amp needs a GPU or another accelerator"),
+        (
+            "amp on cpu",
+            lambda tmp: ["--device", "cpu", "--amp"],
+            "--amp needs a GPU or another accelerator, and this run is on the CPU; pass --no-amp",
+        ),
     ],
 )
 def test_cli_reports_bad_setups_in_one_line(tmp_path, run_main, problem, make_args, message):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+import distributed
 import rundir
 import train
 from config import parse_args
@@ -154,3 +155,14 @@ def test_checkpoints_hold_no_rng_state_and_the_readme_lists_every_key(trained_ru
     table = text[text.index("| key | value |") :].split("\n\n")[0]
     listed = {name for row in table.splitlines()[2:] for name in re.findall(r"`(\w+)`", row.split("|")[1])}
     assert listed == keys
+
+
+def test_a_restart_of_a_job_without_an_id_never_adopts_another_jobs_folder(tmp_path, monkeypatch):
+    """torchrun without --standalone names every job "none"; that is no id, so no restart finds a folder by it."""
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    assert distributed.job_id() == ""
+    other = tmp_path / "runs" / "other"
+    other.mkdir(parents=True)
+    (other / rundir.JOB).write_text("none")  # another job's folder, marked with the shared default id
+    rundir.mark_job(tmp_path / "runs" / "other", distributed.job_id())
+    assert rundir.job_run(tmp_path / "runs", distributed.job_id()) is None
