@@ -164,6 +164,23 @@ def test_no_image_field(client):
     assert_error(client.post("/predict", files=two), 400, "multipart/form-data")
 
 
+def test_unexpected_failure_is_a_json_500_and_serving_goes_on(model, monkeypatch, capsys):
+    """An exception classify does not expect still gets {"error": ...} (a 500), logged with its traceback; the next
+    request is answered as usual."""
+    real = demo.classify
+
+    def broken(model, data):
+        if data == b"boom":
+            raise RuntimeError("a decoder's surprise")
+        return real(model, data)
+
+    monkeypatch.setattr(demo, "classify", broken)
+    with TestClient(demo.create_app(model)) as fresh:
+        assert_error(post(fresh, b"boom"), 500, "RuntimeError")
+        assert "RuntimeError: a decoder's surprise" in capsys.readouterr().err
+        assert post(fresh, pad_png()).status_code == 200
+
+
 def test_body_over_the_size_limit(model):
     """A body over the limit gets 413, by its Content-Length; one under it is read and classified."""
     data = pad_png()
