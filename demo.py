@@ -15,18 +15,19 @@ to stderr), and the server goes on serving.
 import base64
 import contextlib
 import io
+import os
 import socket
 import sys
 import traceback
 from pathlib import Path
 
+import anyio.to_thread
 import torch
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
-from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
@@ -37,6 +38,9 @@ from rundir import latest_checkpoint
 
 STATIC = Path(__file__).resolve().parent / "static"
 MAX_BYTES = 10 * 2**20  # a phone photo is 2-8 MB; a larger body is refused by its length, before it is read
+# Images decoded at once. One is up to digits.MAX_PIXELS (64 MP: ~256 MB as RGBA, plus copies), and the server
+# takes up to 40 requests at a time; more decodes than cores only share the cores and multiply the memory.
+WORKERS = os.cpu_count() or 1
 
 
 def error(status: int, message: str) -> JSONResponse:
@@ -62,6 +66,7 @@ def classify(model, data: bytes) -> dict:
 def create_app(model, max_bytes: int = MAX_BYTES):
     """The web app around one model in eval mode: the page at /, the classifier at POST /predict."""
     app = FastAPI(title="MNIST demo", docs_url=None, redoc_url=None, openapi_url=None)
+    limiter = anyio.CapacityLimiter(WORKERS)  # the other requests wait here, their bodies read but not decoded
 
     @app.post("/predict")
     async def predict_endpoint(request: Request):
@@ -79,7 +84,7 @@ def create_app(model, max_bytes: int = MAX_BYTES):
         except HTTPException as e:  # a broken multipart body, or more than one file
             return error(400, f"{e.detail}; send the image as multipart/form-data with a field named image")
         try:  # prepare_digit is CPU work: off the event loop, so other requests are served meanwhile
-            return await run_in_threadpool(classify, model, data)
+            return await anyio.to_thread.run_sync(classify, model, data, limiter=limiter)
         except NoDigit as e:
             return error(422, str(e))
         except ValueError as e:
