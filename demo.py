@@ -8,23 +8,26 @@ The page (static/) sends the drawing pad, an uploaded or a dropped photo to POST
 multipart field `image`. Every image goes through the one path predict.py uses: digits.prepare_digit,
 then model.predict. The answer is {"digit", "confidence", "probabilities", "prepared"}, where
 `prepared` is the 28x28 digit the network saw, as a PNG data URL. Bad input gets a 4xx with
-{"error": "<one line>"} and the server goes on serving.
+{"error": "<one line>"}, a failure of the server's own gets a 500 of the same shape (its traceback goes
+to stderr), and the server goes on serving.
 """
 
 import base64
 import contextlib
 import io
+import os
 import socket
 import sys
+import traceback
 from pathlib import Path
 
+import anyio.to_thread
 import torch
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
-from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
@@ -35,6 +38,9 @@ from rundir import latest_checkpoint
 
 STATIC = Path(__file__).resolve().parent / "static"
 MAX_BYTES = 10 * 2**20  # a phone photo is 2-8 MB; a larger body is refused by its length, before it is read
+# Images decoded at once. One is up to digits.MAX_PIXELS (64 MP: ~256 MB as RGBA, plus copies), and the server
+# takes up to 40 requests at a time; more decodes than cores only share the cores and multiply the memory.
+WORKERS = os.cpu_count() or 1
 
 
 def error(status: int, message: str) -> JSONResponse:
@@ -60,6 +66,7 @@ def classify(model, data: bytes) -> dict:
 def create_app(model, max_bytes: int = MAX_BYTES):
     """The web app around one model in eval mode: the page at /, the classifier at POST /predict."""
     app = FastAPI(title="MNIST demo", docs_url=None, redoc_url=None, openapi_url=None)
+    limiter = anyio.CapacityLimiter(WORKERS)  # the other requests wait here, their bodies read but not decoded
 
     @app.post("/predict")
     async def predict_endpoint(request: Request):
@@ -69,19 +76,22 @@ def create_app(model, max_bytes: int = MAX_BYTES):
         if not length.isdigit() or int(length) > max_bytes:
             return error(413, f"the request is over the {max_bytes // 2**20} MB limit; send a smaller image")
         try:
-            form = await request.form(max_files=1, max_fields=10)
+            async with request.form(max_files=1, max_fields=10) as form:  # closes the uploaded file's spool
+                image = form.get("image")
+                if not isinstance(image, UploadFile):
+                    return error(400, "no image: send the picture as the multipart form field named image")
+                data = await image.read()
         except HTTPException as e:  # a broken multipart body, or more than one file
             return error(400, f"{e.detail}; send the image as multipart/form-data with a field named image")
-        image = form.get("image")
-        if not isinstance(image, UploadFile):
-            return error(400, "no image: send the picture as the multipart form field named image")
-        data = await image.read()
         try:  # prepare_digit is CPU work: off the event loop, so other requests are served meanwhile
-            return await run_in_threadpool(classify, model, data)
+            return await anyio.to_thread.run_sync(classify, model, data, limiter=limiter)
         except NoDigit as e:
             return error(422, str(e))
         except ValueError as e:
             return error(415, f"not a usable image: {e}")
+        except Exception as e:  # a bug or a decoder's surprise: still JSON, so the page can show it, and logged
+            traceback.print_exc(file=sys.stderr)
+            return error(500, f"the server failed on this image ({type(e).__name__}); try another image")
 
     app.mount("/", StaticFiles(directory=STATIC, html=True), name="static")
     return app

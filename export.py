@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from config import Config, Parser, UserError
-from data import MNIST_MEAN, MNIST_STD, RAW_FILES, load_split
+from data import MNIST_MEAN, MNIST_STD, RAW_FILES, find_files, load_split
 from model import MEMORY_FORMAT, load_checkpoint, model_logits
 from rundir import atomic_write, latest_checkpoint
 
@@ -148,13 +148,15 @@ def printed_digits() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_images(data_dir: str) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """uint8 digits (N, 28, 28), labels and their name: the MNIST test set if it is in data_dir, else printed digits."""
-    raw = Path(data_dir) / "MNIST" / "raw"
-    if all((raw / name).is_file() for name in RAW_FILES["test"]):
+    """uint8 digits (N, 28, 28), labels and their name: the MNIST test set if it is in data_dir, else printed digits.
+
+    The set is found as training finds it (data.find_files: MNIST/raw/ or the folder itself, plain or .gz)."""
+    files, _ = find_files(Path(data_dir))
+    if files is not None:
         images, labels = load_split(data_dir, train=False, download=False)  # a damaged file is an error, not a fallback
-        return images, labels, f"the MNIST test set in {raw}"
+        return images, labels, f"the MNIST test set in {files[RAW_FILES['test'][0]].parent}"
     images, labels = printed_digits()
-    return images, labels, f"{len(labels)} printed digits (no MNIST test set in {raw}; pass --data-dir to use it)"
+    return images, labels, f"{len(labels)} printed digits (no MNIST test set in {data_dir}; pass --data-dir to use it)"
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -200,8 +202,8 @@ def parse_args(argv):
     )
     parser.add_argument(
         "--data-dir",
-        help="folder holding MNIST/raw/ to verify on; never downloads "
-        "(default: the checkpoint's data_dir, else config.py's)",
+        help="folder holding the MNIST files to verify on (in MNIST/raw/ or in itself, plain or .gz); never "
+        "downloads (default: the checkpoint's data_dir, else config.py's)",
     )
     return parser.parse_args(argv)
 

@@ -20,6 +20,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -41,30 +42,40 @@ def serve(checkpoint, timeout: float = 60, cwd=ROOT):
     """Run `python demo.py --port 0` in `cwd` as a user would (without --checkpoint when it is None) and yield
     its address; then stop it with Ctrl-C (SIGINT) and raise unless it exits with 0 and no traceback."""
     flags = ["--port", "0"] + (["--checkpoint", str(checkpoint)] if checkpoint else [])
-    proc = subprocess.Popen(
-        [sys.executable, "-u", str(ROOT / "demo.py"), *flags],
-        cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        with selectors.DefaultSelector() as selector:  # wait for the address line, for at most `timeout`
-            selector.register(proc.stdout, selectors.EVENT_READ)
-            if not selector.select(timeout):
-                raise TimeoutError(f"demo.py printed no address in {timeout} s")
-        line = proc.stdout.readline()
-        if not line.startswith("serving the demo on http://127.0.0.1:"):
-            raise RuntimeError(f"demo.py did not start: {line}{proc.stderr.read()}")
-        yield line.split()[4]
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=20)
-        if proc.returncode != 0 or "Traceback" in err:
-            raise RuntimeError(f"demo.py did not stop cleanly on Ctrl-C (exit {proc.returncode}): {err}")
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+    # stderr goes to a file, not a pipe: a pipe nobody reads while the server runs blocks it once it holds 64 KiB
+    with tempfile.TemporaryFile("w+") as stderr:
+
+        def tail(lines: int | None = 20) -> str:
+            stderr.seek(0)
+            return "".join(stderr.readlines()[-lines if lines else 0 :])
+
+        proc = subprocess.Popen(
+            [sys.executable, "-u", str(ROOT / "demo.py"), *flags],
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+        )
+        try:
+            with selectors.DefaultSelector() as selector:  # wait for the address line, for at most `timeout`
+                selector.register(proc.stdout, selectors.EVENT_READ)
+                if not selector.select(timeout):
+                    raise TimeoutError(f"demo.py printed no address in {timeout} s; its stderr ends:\n{tail()}")
+            line = proc.stdout.readline()
+            if not line.startswith("serving the demo on http://127.0.0.1:"):
+                if not line:  # it closed its stdout: it has ended, and its stderr says why
+                    proc.wait(timeout=20)
+                raise RuntimeError(f"demo.py did not start: {line}{tail()}")
+            yield line.split()[4]
+            proc.send_signal(signal.SIGINT)
+            proc.communicate(timeout=20)
+            err = tail(lines=None)
+            if proc.returncode != 0 or "Traceback" in err:
+                raise RuntimeError(f"demo.py did not stop cleanly on Ctrl-C (exit {proc.returncode}): {err}")
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
 
 
 # --- digits as pen strokes -------------------------------------------------------------------

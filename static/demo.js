@@ -99,10 +99,12 @@ async function send() {
     const form = new FormData();
     form.append("image", image, photo ? photo.name : "pad.png");
     const response = await fetch("predict", { method: "POST", body: form });
-    const answer = await response.json();
+    // Every answer of demo.py is JSON; a proxy's or a crashed server's page is not, and is reported by its status.
+    const json = (response.headers.get("content-type") || "").startsWith("application/json");
+    const answer = json ? await response.json() : {};
     if (asked === generation) {
-      if (response.ok) show(answer);
-      else showError(answer.error || `the server answered ${response.status}`);
+      if (response.ok && json) show(answer);
+      else showError(answer.error || `the server answered ${response.status} ${response.statusText}`.trim());
     }
   } catch (err) {
     if (asked === generation) showError("the demo server cannot be reached: is `python demo.py` still running?");

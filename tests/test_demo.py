@@ -164,6 +164,54 @@ def test_no_image_field(client):
     assert_error(client.post("/predict", files=two), 400, "multipart/form-data")
 
 
+def test_unexpected_failure_is_a_json_500_and_serving_goes_on(model, monkeypatch, capsys):
+    """An exception classify does not expect still gets {"error": ...} (a 500), logged with its traceback; the next
+    request is answered as usual."""
+    real = demo.classify
+
+    def broken(model, data):
+        if data == b"boom":
+            raise RuntimeError("a decoder's surprise")
+        return real(model, data)
+
+    monkeypatch.setattr(demo, "classify", broken)
+    with TestClient(demo.create_app(model)) as fresh:
+        assert_error(post(fresh, b"boom"), 500, "RuntimeError")
+        assert "RuntimeError: a decoder's surprise" in capsys.readouterr().err
+        assert post(fresh, pad_png()).status_code == 200
+
+
+def test_at_most_workers_images_are_decoded_at_once(model, monkeypatch):
+    """With 6 requests waiting, only demo.WORKERS run classify at once (each decode may take 256 MB); all are answered."""
+    monkeypatch.setattr(demo, "WORKERS", 2)
+    lock, active, peak = threading.Lock(), [0], [0]
+    two_in, too_many, release = threading.Event(), threading.Event(), threading.Event()
+
+    def held(model, data):
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+            if active[0] == 2:
+                two_in.set()
+            if active[0] > 2:
+                too_many.set()
+        release.wait(timeout=30)
+        with lock:
+            active[0] -= 1
+        return {"digit": 0}
+
+    monkeypatch.setattr(demo, "classify", held)
+    with TestClient(demo.create_app(model)) as fresh, ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(post, fresh, pad_png()) for _ in range(6)]
+        try:
+            assert two_in.wait(timeout=30)
+            assert not too_many.wait(timeout=1)  # the four others stay queued while the two are held
+        finally:
+            release.set()
+        assert [f.result(timeout=30).status_code for f in futures] == [200] * 6
+    assert peak[0] == 2
+
+
 def test_body_over_the_size_limit(model):
     """A body over the limit gets 413, by its Content-Length; one under it is read and classified."""
     data = pad_png()

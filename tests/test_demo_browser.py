@@ -152,6 +152,21 @@ def test_a_blank_photo_shows_the_reason_and_no_digit(synthetic_page, tmp_path):
     assert "No digit found" in page.text_content("#message")
 
 
+def test_an_answer_that_is_not_json_shows_the_status(synthetic_page, tmp_path):
+    """A reply that is no JSON (a proxy's or a crashed server's page) shows its status, not a parse failure."""
+    page = synthetic_page
+    page.click("#clear")
+    page.route("**/predict", lambda route: route.fulfill(status=502, body="Bad Gateway", content_type="text/html"))
+    try:
+        photo = tmp_path / "seven.png"
+        Image.new("L", (200, 200), 255).save(photo)
+        page.set_input_files("#upload", str(photo))
+        assert answer(page) == ""
+        assert "The server answered 502" in page.text_content("#message")
+    finally:
+        page.unroute("**/predict")
+
+
 # --- how well it reads drawn digits ----------------------------------------------------------
 
 DRAWINGS = 50  # 2-3 s each on this machine; benchmarks/demo_browser.py draws more

@@ -15,13 +15,20 @@ from devices import pick_device
 @pytest.fixture
 def machine(monkeypatch):
     """Make torch.accelerator report an accelerator of the given type and count (None: no accelerator), and
-    record the device index set; returns a function (kind, count=1) that sets the machine up."""
+    record the device index set; returns a function (kind, count=1, available=True) that sets the machine up.
+
+    available=False is a torch built for the accelerator on a machine without one (a CUDA wheel, no driver):
+    as in torch, current_accelerator names it unless asked with check_available=True."""
     chosen = []
 
-    def fake(kind, count=1):
+    def fake(kind, count=1, available=True):
         found = torch.device(kind) if kind else None
-        monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda check_available=False: found)
-        monkeypatch.setattr(torch.accelerator, "device_count", lambda: count if kind else 0)
+
+        def current_accelerator(check_available=False):
+            return found if available or not check_available else None
+
+        monkeypatch.setattr(torch.accelerator, "current_accelerator", current_accelerator)
+        monkeypatch.setattr(torch.accelerator, "device_count", lambda: count if kind and available else 0)
         monkeypatch.setattr(torch.accelerator, "set_device_index", chosen.append)
         return chosen
 
@@ -100,8 +107,20 @@ def test_the_group_backend_is_torchs_default_for_the_accelerator_beside_gloo(mac
     """The process group serves CPU tensors with gloo and the accelerator's with torch's default backend for it."""
     machine(kind)
     assert distributed.group_backend() == backend
-    if kind:
-        assert dist.Backend.default_device_backend_map[kind] in backend  # the map is torch's, not ours
+    if kind:  # the accelerator's backend is torch's map, not ours; gloo (MPS's) cannot move its tensors
+        default = dist.Backend.default_device_backend_map[kind]
+        assert backend == ("cpu:gloo" if default == "gloo" else f"cpu:gloo,{kind}:{default}")
+
+
+@pytest.mark.parametrize("kind", ["cuda", "xpu", "mps"])
+def test_an_accelerator_torch_was_built_for_but_cannot_use_is_no_accelerator(machine, kind):
+    """A torch built for an accelerator on a machine without it (a CUDA wheel, no driver) trains on the CPU with a
+    gloo-only group, and asking for the accelerator is one line."""
+    machine(kind, available=False)
+    assert pick_device("auto") == torch.device("cpu")
+    assert distributed.group_backend() == "cpu:gloo"
+    with pytest.raises(UserError, match="it sees no accelerator"):
+        pick_device(kind)
 
 
 def test_a_group_started_on_a_gpu_machine_serves_a_cpu_run(machine, monkeypatch):

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import export
-from conftest import REAL_DATA, ROOT, call_main, needs_real_data
-from data import load_split
+from conftest import REAL_DATA, ROOT, call_main, needs_real_data, write_mnist
+from data import ALL_FILES, load_split
 from model import load_checkpoint, model_logits
 from test_faults import one_line_error
 
@@ -144,6 +144,14 @@ def test_without_the_data_export_verifies_on_printed_digits(trained_run, tmp_pat
     result = run_export(trained_run / "best.pt", "--format", "pt2", "--out", tmp_path / "m.pt2", "--data-dir", tmp_path)
     assert result.returncode == 0, result.stderr
     assert "verifying on 40 printed digits" in result.stdout and (tmp_path / "m.pt2").is_file()
+
+
+def test_export_verifies_on_a_flat_gz_layout(trained_run, tmp_path, run_export):
+    """The test set is found in every layout training reads: here the data dir itself holding .gz files."""
+    data = write_mnist(tmp_path / "flat", folder=".", gz=ALL_FILES)
+    result = run_export(trained_run / "best.pt", "--format", "pt2", "--out", tmp_path / "m.pt2", "--data-dir", data)
+    assert result.returncode == 0, result.stderr
+    assert f"verifying on the MNIST test set in {data}:" in result.stdout, result.stdout
 
 
 def test_printed_digits_look_like_mnist():
