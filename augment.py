@@ -57,7 +57,7 @@ def batch(
 
     `images` is (B, 1, 28, 28), normalised: rank `rank`'s part of a whole batch of `whole` images cut in
     `world` parts, as MNISTData.batches cuts it. With cfg.augment off, `images` comes back untouched."""
-    if not cfg.augment:
+    if not cfg.augment or len(images) == 0:  # a rank's share of the last batch may be empty under torchrun
         return images
     theta = affine_matrices(cfg, whole, epoch, step).tensor_split(world)[rank]
     theta = theta.to(device=images.device, dtype=images.dtype)
