@@ -186,6 +186,18 @@ def wait_for_line(proc: subprocess.Popen, start_of_line: str) -> list[str]:
     raise AssertionError(f"the process ended before printing {start_of_line!r}:\n{''.join(lines)}{stderr_of(proc)}")
 
 
+def interrupt_when_paused(proc: subprocess.Popen, interrupt, timeout=120) -> subprocess.CompletedProcess:
+    """Wait until a run of train_paused.py has paused, call interrupt(), and return how the run ended; on any
+    failure (or a hang past `timeout`) kill the run and its workers, so no test leaves processes behind."""
+    try:
+        wait_for_line(proc, PAUSED)
+        interrupt()
+        return finish(proc, timeout)
+    finally:
+        if proc.returncode is None:
+            kill_all(proc)
+
+
 def call_main(capsys, main, args) -> subprocess.CompletedProcess:
     """Call a script's main() in this process (no 5 s torch import) and return what a subprocess run would."""
     capsys.readouterr()

@@ -42,22 +42,24 @@ def open_page(browser, url, **context):
     return page
 
 
-@pytest.fixture(scope="module")
-def synthetic_page(browser, trained_run):
-    """The page of a demo serving the small model trained on synthetic data: enough for the page's mechanics."""
-    with serve(trained_run / "best.pt") as url:
+def served_page(browser, checkpoint):
+    """Yield the page of a demo serving `checkpoint`; close the page and stop the server afterwards."""
+    with serve(checkpoint) as url:
         page = open_page(browser, url)
         yield page
         page.close()
+
+
+@pytest.fixture(scope="module")
+def synthetic_page(browser, trained_run):
+    """The page of a demo serving the small model trained on synthetic data: enough for the page's mechanics."""
+    yield from served_page(browser, trained_run / "best.pt")
 
 
 @pytest.fixture(scope="module")
 def real_page(browser, real_run):
     """The page of a demo serving a CNN trained on real MNIST (skips without the data)."""
-    with serve(real_run / "best.pt") as url:
-        page = open_page(browser, url)
-        yield page
-        page.close()
+    yield from served_page(browser, real_run / "best.pt")
 
 
 # --- the page's contract ---------------------------------------------------------------------

@@ -18,17 +18,15 @@ import torch
 
 import train
 from conftest import (
-    PAUSED,
     PAUSED_TRAIN,
     ROOT,
     children,
     fast_args,
     finish,
-    kill_all,
+    interrupt_when_paused,
     paused_at,
     run_flags,
     start,
-    wait_for_line,
 )
 from data import RAW_FILES
 from model import load_checkpoint
@@ -229,13 +227,7 @@ def test_ctrl_c_stops_every_rank_at_one_step_and_the_run_resumes_on_one_process(
         env=paused_at(PAUSE_STEP),
         start_new_session=True,
     )
-    try:
-        wait_for_line(proc, PAUSED)
-        os.killpg(proc.pid, signal.SIGINT)
-        result = finish(proc)
-    finally:
-        if proc.returncode is None:
-            kill_all(proc)
+    result = interrupt_when_paused(proc, lambda: os.killpg(proc.pid, signal.SIGINT))
     assert result.stderr.count("To continue: python train.py") == 1
     assert "Traceback" not in "".join(line for line in result.stderr.splitlines(True) if line.startswith("[rank"))
     saved = load_checkpoint(tmp_path / "run" / "last.pt")[1]
@@ -252,13 +244,7 @@ def test_sigterm_to_torchrun_saves_and_stops_the_workers(mnist_dir, tmp_path):
     proc = torchrun(
         *fast_args(mnist_dir, tmp_path / "run", *INTERRUPTED), script=PAUSED_TRAIN, env=paused_at(PAUSE_STEP)
     )
-    try:
-        wait_for_line(proc, PAUSED)
-        proc.send_signal(signal.SIGTERM)
-        result = finish(proc)
-    finally:
-        if proc.returncode is None:
-            kill_all(proc)
+    result = interrupt_when_paused(proc, lambda: proc.send_signal(signal.SIGTERM))
     assert "SIGTERM: stopping after this step to save last.pt" in result.stderr
     assert result.stderr.count("To continue: python train.py") == 1
     saved = load_checkpoint(tmp_path / "run" / "last.pt")[1]
@@ -270,13 +256,7 @@ def test_sigterm_stops_a_single_process_run_like_ctrl_c(mnist_dir, tmp_path):
     proc = start(
         [sys.executable, PAUSED_TRAIN, *fast_args(mnist_dir, tmp_path / "run", *INTERRUPTED)], env=paused_at(PAUSE_STEP)
     )
-    try:
-        wait_for_line(proc, PAUSED)
-        proc.send_signal(signal.SIGTERM)
-        result = finish(proc)
-    finally:
-        if proc.returncode is None:
-            kill_all(proc)
+    result = interrupt_when_paused(proc, lambda: proc.send_signal(signal.SIGTERM))
     assert result.returncode == 130, result.stderr
     assert "To continue: python train.py" in result.stderr and "Traceback" not in result.stderr
     saved = load_checkpoint(tmp_path / "run" / "last.pt")[1]
@@ -294,13 +274,8 @@ def test_a_killed_worker_is_restarted_and_the_run_finishes(mnist_dir, tmp_path):
         env=paused_at(PAUSE_STEP),
         extra=["--standalone", "--max-restarts", "1"],
     )
-    try:
-        wait_for_line(proc, PAUSED)  # epoch 1 is in last.pt; the restarted group does not pause
-        os.kill(children(proc)[-1], signal.SIGKILL)
-        result = finish(proc)
-    finally:
-        if proc.returncode is None:
-            kill_all(proc)
+    # Epoch 1 is in last.pt when the run pauses; the restarted group does not pause.
+    result = interrupt_when_paused(proc, lambda: os.kill(children(proc)[-1], signal.SIGKILL))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "torchrun restarted this job (restart 1): continuing" in result.stdout
     assert [p.name for p in (tmp_path / "runs").iterdir()] == ["run"]

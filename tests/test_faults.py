@@ -13,18 +13,15 @@ import model as model_module
 import rundir
 import train
 from conftest import (
-    PAUSED,
     PAUSED_TRAIN,
     ROOT,
     copy_run,
     fast_args,
-    finish,
-    kill_all,
+    interrupt_when_paused,
     one_line_error,
     paused_at,
     run_flags,
     start,
-    wait_for_line,
 )
 from model import load_checkpoint, save_checkpoint
 from rundir import atomic_write
@@ -150,13 +147,7 @@ def test_ctrl_c_saves_and_resume_finishes_like_an_unbroken_run(mnist_dir, tmp_pa
     # Batches of 5 make each epoch 100 steps: the run pauses, still going, in the middle of epoch 2.
     args = fast_args(mnist_dir, tmp_path / "broken", "--epochs", 2, "--batch-size", 5)
     proc = start([sys.executable, PAUSED_TRAIN, *args], env=paused_at(150))
-    try:
-        wait_for_line(proc, PAUSED)
-        proc.send_signal(signal.SIGINT)
-        result = finish(proc, timeout=60)
-    finally:
-        if proc.returncode is None:
-            kill_all(proc)
+    result = interrupt_when_paused(proc, lambda: proc.send_signal(signal.SIGINT), timeout=60)
     assert result.returncode == 130, result.stderr
     assert f"To continue: python train.py --out-dir {tmp_path} --run-name broken --resume" in result.stderr
     assert "Traceback" not in result.stderr
