@@ -69,7 +69,8 @@ RESUMABLE_CHANGES = {
 
 
 class Diverged(UserError):
-    """The loss became NaN or inf; main() exits 1 rather than 2, since no input was wrong."""
+    """Training failed: the loss became NaN or inf, or the network died. main() exits 1 rather than 2, since no
+    input was wrong."""
 
 
 @dataclass
@@ -142,6 +143,7 @@ def resume_config(saved: dict, argv) -> Config:
     """The saved run's config with this command line's flags on top; refuse flags that would change what is learned."""
     if saved.get("schedule") == "onecycle":  # the name of "linear" in checkpoints written before it was renamed
         saved = {**saved, "schedule": "linear"}
+    saved = {"clip_grad_norm": 0.0, **saved}  # checkpoints written before clipping existed trained without it
     try:
         base = config.check(Config(**saved))
     except (TypeError, UserError) as e:
@@ -245,11 +247,16 @@ def restore(state: State, saved: dict) -> None:
     state.record.update({key: saved[key] for key in state.record})
 
 
+def warmup_steps(total_steps: int, schedule: str, warmup: float) -> int:
+    """How many optimiser steps the warm-up takes: 0 for a constant learning rate."""
+    return 0 if schedule == "constant" else max(1, round(warmup * total_steps))
+
+
 def lr_factor(step: int, total_steps: int, schedule: str, warmup: float) -> float:
     """The fraction of the peak learning rate to use at optimiser step `step`."""
     if schedule == "constant":
         return 1.0
-    warm = max(1, round(warmup * total_steps))
+    warm = warmup_steps(total_steps, schedule, warmup)
     if step < warm:
         return (step + 1) / warm
     return max(0.0, (total_steps - step) / max(1, total_steps - warm))
@@ -276,6 +283,7 @@ def train_epochs(state: State, stop_requested) -> bool:
 
     Returns True when every epoch is done, False when stop_requested() stopped it (last.pt is saved)."""
     cfg, record, train_split = state.cfg, state.record, state.splits["train"]
+    warm = warmup_steps(cfg.epochs * math.ceil(len(train_split) / cfg.batch_size), cfg.schedule, cfg.warmup)
     if record["epoch"] < cfg.epochs:
         print_header()
     for epoch in range(record["epoch"], cfg.epochs):
@@ -306,6 +314,8 @@ def train_epochs(state: State, stop_requested) -> bool:
             write_metrics(state.run_dir, record)
         state.writer.epoch(record["history"][-1], state.scheduler.last_epoch, len(train_split))
         print_row(record["history"][-1], best=record["best_epoch"] == epoch + 1)
+        if state.scheduler.last_epoch >= warm:  # a dead run stops here, its epoch saved as it is
+            check_learning(val_acc, val_loss, f"validation after epoch {epoch + 1}", cfg, state.run_dir)
         if distributed.any_rank(stop_requested(), state.device):
             return False
     return True
@@ -345,6 +355,9 @@ def train_epoch(state: State, epoch: int, stop_requested) -> dict:
         loss = batch_loss * (world / batch_size)
         state.optimizer.zero_grad(set_to_none=True)
         state.scaler.scale(loss).backward()
+        if cfg.clip_grad_norm:  # DDP has averaged the ranks' gradients, so every rank clips the same gradient
+            state.scaler.unscale_(state.optimizer)  # the true gradient, when float16 loss scaling is on
+            torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.clip_grad_norm)
         state.scaler.step(state.optimizer)
         state.scaler.update()
         scheduler.step()
@@ -380,6 +393,24 @@ def check_finite(loss_sum: torch.Tensor, epoch: int, device) -> None:
             f"training diverged in epoch {epoch + 1} (loss is NaN or inf), most likely the learning rate is "
             f"too high; try a smaller --lr. The checkpoints from before are untouched"
         )
+
+
+# A network that has died predicts one digit for every image: about 10% right, its loss near ln 10 = 2.30.
+# A live one is far above twice that once its warm-up is over, even the tests' one-epoch runs on 500 images.
+CHANCE_LEVEL = 0.2
+
+
+def check_learning(accuracy: float, loss: float, where: str, cfg: Config, run_dir: Path) -> None:
+    """Raise Diverged if `accuracy` (the same on every rank) is near chance: the run is dead, and says how to fix it."""
+    if accuracy >= CHANCE_LEVEL:
+        return
+    clip = "" if cfg.clip_grad_norm else ", and turn on --clip-grad-norm 1"
+    raise Diverged(
+        f"training is stuck at chance level: {where} the accuracy is {accuracy:.2%} and the loss {loss:.4f} "
+        f"(guessing gives 10% and ln 10 = 2.3026), so the network most likely died in one too large step; "
+        f"try a smaller --lr (such as {cfg.lr / 2:g}) or a longer --warmup{clip}. Its checkpoints are as it "
+        f"left them, in {run_dir}/"
+    )
 
 
 def validate(model, split: MNISTData, batch_size: int) -> tuple[float, float]:
@@ -421,6 +452,7 @@ def finish(state: State) -> None:
     best, best_ckpt = load_checkpoint(run_dir / "best.pt", state.device)
     logits = model_logits(best, test.images, cfg.eval_batch_size)
     test_loss, test_acc = scores(logits, test.labels)
+    check_learning(test_acc, test_loss, "on the test set, with best.pt,", cfg, run_dir)  # never a chance-level "test:"
     best_ckpt.update(test_loss=test_loss, test_acc=test_acc)
     save_checkpoint(best_ckpt, run_dir / "best.pt")
     record.update(test_loss=test_loss, test_acc=test_acc)

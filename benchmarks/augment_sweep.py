@@ -21,14 +21,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-OLD = ["--lr", "0.15", "--weight-decay", "1.5e-3", "--warmup", "0.2"]  # fd3b740's optimisation settings
+# fd3b740's optimisation settings, unclipped as this sweep ran (benchmarks/recipe_sweep.py chose clipping later)
+OLD = ["--lr", "0.15", "--weight-decay", "1.5e-3", "--warmup", "0.2", "--clip-grad-norm", "0"]
 AUG = ["--augment", "--aug-rotate", "10", "--aug-scale", "0.1", "--aug-shear", "0", "--aug-shift", "2"]  # the issue's
 RECIPES = {  # name: flags; in the order they run, the most telling first
     "old": ["--no-augment", "--epochs", "4", *OLD],  # fd3b740's default recipe
     "e8": ["--epochs", "8", *OLD, *AUG],
     "e7": ["--epochs", "7", *OLD, *AUG],
     "e8-shear": ["--epochs", "8", *OLD, *AUG, "--aug-shear", "10"],
-    "e8-wd5e-4": ["--epochs", "8", "--lr", "0.15", "--weight-decay", "5e-4", "--warmup", "0.2", *AUG],
+    "e8-wd5e-4": ["--epochs", "8", *OLD, "--weight-decay", "5e-4", *AUG],
     "e8-strong": [
         "--epochs",
         "8",
@@ -43,8 +44,8 @@ RECIPES = {  # name: flags; in the order they run, the most telling first
         "--aug-shift",
         "3",
     ],
-    "e8-warmup0.1": ["--epochs", "8", "--lr", "0.15", "--weight-decay", "1.5e-3", "--warmup", "0.1", *AUG],
-    "e8-lr0.1": ["--epochs", "8", "--lr", "0.1", "--weight-decay", "1.5e-3", "--warmup", "0.2", *AUG],
+    "e8-warmup0.1": ["--epochs", "8", *OLD, "--warmup", "0.1", *AUG],
+    "e8-lr0.1": ["--epochs", "8", *OLD, "--lr", "0.1", *AUG],
 }
 
 

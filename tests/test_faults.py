@@ -178,6 +178,38 @@ def test_divergence_stops_with_advice_and_keeps_the_good_checkpoints(mnist_dir, 
     assert not (tmp_path / "diverging").exists()  # it saved nothing, so it leaves no folder
 
 
+def test_a_dead_network_stops_with_advice_and_never_reports_a_chance_level_test(
+    mnist_dir, tmp_path, run_main, monkeypatch
+):
+    """A network dead from the start (every ReLU of conv2 off, so one digit for every image) stops after its first
+    epoch past the warm-up with exit 1, one line naming the fix and its folder, and no "test:" line; its checkpoints
+    stay as it left them, and --resume of the dead run says the same again."""
+
+    def dead_cnn(name, **model_args):
+        model = model_module.build_model(name, **model_args)
+        with torch.no_grad():
+            model.conv2.bias.fill_(-1e3)  # no input reaches the last layer, and no gradient gets back
+        return model
+
+    monkeypatch.setattr(train, "build_model", dead_cnn)
+    run_dir = tmp_path / "dead"
+    result = run_main(*fast_args(mnist_dir, run_dir, "--epochs", 3))
+    message = one_line_error(result, exit_code=1)
+    assert message.startswith("error: training is stuck at chance level: validation after epoch 1 the accuracy is ")
+    assert "try a smaller --lr (such as 0.075) or a longer --warmup" in message
+    assert message.endswith(f"Its checkpoints are as it left them, in {run_dir}/")
+    assert "test:" not in result.stdout
+    saved = load_checkpoint(run_dir / "last.pt")[1]
+    assert saved["epoch"] == 1 and "test_acc" not in load_checkpoint(run_dir / "best.pt")[1]
+    checkpoints = ("best.pt", "last.pt", "metrics.json")
+    before = {name: (run_dir / name).read_bytes() for name in checkpoints}
+    # Resumed with no epoch left, it goes straight to the test, which refuses the chance-level model in the same way.
+    result = run_main(*run_flags(run_dir), "--resume", "--epochs", 1)
+    assert "on the test set, with best.pt, the accuracy is " in one_line_error(result, exit_code=1)
+    assert "test:" not in result.stdout
+    assert {name: (run_dir / name).read_bytes() for name in checkpoints} == before
+
+
 def test_disk_full_during_training_is_one_line_and_keeps_the_old_checkpoints(
     mnist_dir, trained_run, tmp_path, run_main, monkeypatch
 ):

@@ -130,6 +130,18 @@ def test_a_checkpoint_from_before_the_schedule_was_renamed_resumes(trained_run, 
     assert resumed["config"]["schedule"] == "linear" and resumed["history"][-1]["lr"] == 0.0
 
 
+def test_a_checkpoint_from_before_gradient_clipping_resumes_without_it(trained_run, tmp_path, run_main):
+    """A last.pt whose config has no clip_grad_norm (written before clipping existed) resumes as it trained: unclipped."""
+    run_dir = copy_run(trained_run, tmp_path / "old")
+    last = load_checkpoint(run_dir / "last.pt")[1]
+    assert last["config"]["clip_grad_norm"] > 0
+    del last["config"]["clip_grad_norm"]
+    save_checkpoint(last, run_dir / "last.pt")
+    result = run_main(*run_flags(run_dir), "--resume", "--epochs", 3)
+    assert result.returncode == 0, result.stderr
+    assert load_checkpoint(run_dir / "last.pt")[1]["config"]["clip_grad_norm"] == 0.0
+
+
 def test_a_torchrun_restart_adopts_its_own_folder_that_has_no_last_pt(
     trained_run, mnist_dir, tmp_path, run_main, monkeypatch
 ):
