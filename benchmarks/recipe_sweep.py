@@ -10,7 +10,7 @@ run near the edge dies depends on float summation order, so the thread count is 
 --flags are added to every run: the second line above sweeps the recipe without gradient clipping.
 
 Each finished run appends one JSON line to OUT_DIR/results.jsonl at once, so a stopped sweep keeps what
-it measured and a second call runs only what is missing. Two cores are kept busy: a run with one thread
+it measured and a second call runs only what is missing; the short rows go first, seed by seed. Two cores are kept busy: a run with one thread
 shares the machine with another such run, a run with two threads (or torchrun's two processes) runs alone.
 At the end it prints the table of docs/results.md: per row, the runs, the share that collapsed (test
 accuracy below 50%, or stopped by train.py as dead), the worst and the median test accuracy.
@@ -19,6 +19,7 @@ accuracy below 50%, or stopped by train.py as dead), the worst and the median te
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -50,6 +51,19 @@ ROWS = [
 ]
 
 
+def epochs(flags: list[str]) -> int:
+    return int(flags[flags.index("--epochs") + 1])
+
+
+def cores(row) -> int:
+    """The cores a run of `row` keeps busy: its threads, or torchrun's 2 processes."""
+    return 2 if row[3] == "torchrun" else row[2]
+
+
+def folder(row, seed: int) -> str:
+    return f"{ROWS.index(row):02d}-s{seed}"
+
+
 def key(row: str, seed: int) -> str:
     return f"{row} | seed {seed}"
 
@@ -57,11 +71,10 @@ def key(row: str, seed: int) -> str:
 def command(row, seed: int, args) -> tuple[list[str], dict]:
     """The command line and environment of one run of `row`, into its own folder."""
     _, flags, threads, launcher = row
-    folder = f"{ROWS.index(row):02d}-s{seed}"
     argv = [
         str(ROOT / "train.py"),
         *["--data-dir", args.data_dir, "--no-download", "--no-tensorboard", "--seed", str(seed)],
-        *["--out-dir", str(args.out_dir / "runs"), "--run-name", folder],
+        *["--out-dir", str(args.out_dir / "runs"), "--run-name", folder(row, seed)],
         *flags,
         *args.flags,
     ]
@@ -93,13 +106,14 @@ def sweep(args) -> None:
     results = args.out_dir / "results.jsonl"
     done = {json.loads(line)["key"] for line in results.read_text().splitlines()} if results.is_file() else set()
     todo = [(row, seed) for row in ROWS if row[0] in args.rows for seed in args.seeds if key(row[0], seed) not in done]
-    todo.sort(key=lambda job: job[0][2] != 1)  # the one-thread runs first, two at a time
+    # Seed by seed, the long rows (4 and 8 epochs) last: a sweep stopped early holds every short row alike.
+    todo.sort(key=lambda job: (epochs(job[0][1]) >= 4, job[1], cores(job[0]), epochs(job[0][1])))
     running = []  # (row, seed, process, start)
     while todo or running:
-        cores = sum(2 if row[2] == 2 or row[3] == "torchrun" else 1 for row, *_ in running)
-        if todo and cores + (2 if todo[0][0][2] == 2 or todo[0][0][3] == "torchrun" else 1) <= 2:
+        if todo and sum(cores(row) for row, *_ in running) + cores(todo[0][0]) <= 2:
             row, seed = todo.pop(0)
             cmd, env = command(row, seed, args)
+            shutil.rmtree(args.out_dir / "runs" / folder(row, seed), ignore_errors=True)  # left by a stopped sweep
             proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             running.append((row, seed, proc, time.perf_counter()))
             continue
@@ -107,13 +121,15 @@ def sweep(args) -> None:
             row, seed, proc, start = job
             if proc.poll() is not None:
                 out, err = proc.communicate()
+                running.remove(job)
+                if proc.returncode < 0:  # killed by a signal, as when the sweep is stopped: run it again next time
+                    break
                 result = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
                 line = outcome(row, seed, result, time.perf_counter() - start, args)
                 with results.open("a") as f:
                     f.write(json.dumps(line) + "\n")
                 acc = "dead" if line["test_acc"] is None else f"{line['test_acc']:.2%}"
                 print(f"{line['key']}: {acc} in {line['seconds']:.0f} s", file=sys.stderr, flush=True)
-                running.remove(job)
                 break
         else:
             time.sleep(0.5)
