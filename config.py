@@ -55,7 +55,8 @@ class Config:
     # that step, and nothing else gives that margin: one epoch at twice the lr (0.3), seeds 0-3, died in 2 of 2
     # runs unclipped, 0 of 4 clipped at 1 or 2, 1 of 4 clipped at 3 or 5, and 3 of 4 with a warm-up of half the
     # run; a lower lr has less room (unclipped, 0.2, twice 0.1, died in 3 of 4). Clipping at 1 cost the 8-epoch
-    # default 0.12 points (median 99.32%); at 2 it kept it (see docs/results.md for both measurements).
+    # default 0.12 points (median 99.32%); at 2 it gave 99.43% against 99.44% unclipped, one test image
+    # (1 thread, same session; docs/results.md, which also has benchmarks/recipe_sweep.py's table).
     epochs: int = opt(8, "passes over the training split", positive=True)
     batch_size: int = opt(
         128,
