@@ -40,24 +40,23 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
 
 
 class MNISTData(Dataset):
-    """One MNIST split: `ds[i]` is (float tensor 1x28x28, int label), normalised like training."""
+    """One MNIST split: `ds[i]` is (float tensor 1x28x28, int label), normalised like training.
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform=None):
+    It takes no per-image transform: training slices whole batches (`batches`), never calling `ds[i]`, and
+    warps them in augment.py, so a transform here would change nothing that trains."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
         self.images = images  # (N, 28, 28) uint8
         self.labels = labels  # (N,) int64
-        self.transform = transform
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i: int):
-        image = normalize(self.images[i])
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, int(self.labels[i])
+        return normalize(self.images[i]), int(self.labels[i])
 
     def to(self, device) -> "MNISTData":
-        return MNISTData(self.images.to(device), self.labels.to(device), self.transform)
+        return MNISTData(self.images.to(device), self.labels.to(device))
 
     def batches(self, batch_size: int, order: torch.Tensor, start: int = 0, rank: int = 0, world: int = 1):
         """Yield normalised (images, labels) batches in `order` (a permutation of the indices), from batch `start` on.
