@@ -128,6 +128,15 @@ def resume_point(cfg: Config, argv) -> tuple[Config, dict | None]:
         run_dir = rundir.find_run(cfg.out_dir, cfg.run_name)
     _, saved = load_checkpoint(run_dir / "last.pt")  # checks the weights fit before any process uses them
     cfg = replace(resume_config(saved["config"], argv), out_dir=str(run_dir.parent), run_name=run_dir.name)
+    done, step = saved["epoch"], saved["epoch_progress"]["step"]
+    if cfg.epochs < done + (step > 0):  # the run would train nothing, drop a partly trained epoch, and be tested
+        trained = f"{done} epoch{'s' * (done != 1)}" + (f" and {step} steps of epoch {done + 1}" if step else "")
+        planned = saved["config"]["epochs"]
+        raise UserError(
+            f"run {run_dir} has trained {trained}, more than --epochs {cfg.epochs}, which would "
+            f"{'drop those steps' if step else 'train nothing'} and test it; to train on, pass --epochs N with "
+            f"N > {done}{f', or leave --epochs out to finish its {planned}' if planned > done else ''}"
+        )
     best = run_dir / "best.pt"
     finished = saved["epoch"] >= cfg.epochs and best.is_file() and "test_acc" in read_checkpoint(best)
     if finished and not distributed.restarts():  # a restarted group finishes its job again, to end with exit code 0
