@@ -288,10 +288,12 @@ def train_epochs(state: State, stop_requested) -> bool:
     if record["epoch"] < cfg.epochs:
         print_header()
     for epoch in range(record["epoch"], cfg.epochs):
-        start = time.perf_counter()
+        # The clock goes on from the time a resumed epoch had already taken, so that its seconds, and its images
+        # per second, are the whole epoch's (a last.pt saved before "seconds" was kept counts from the resume).
+        start = time.perf_counter() - record["epoch_progress"].get("seconds", 0.0)
         progress = train_epoch(state, epoch, stop_requested)
         if progress["seen"] < len(train_split):  # stopped mid-epoch: save exactly where we are
-            record["epoch_progress"] = progress
+            record["epoch_progress"] = {**progress, "seconds": time.perf_counter() - start}
             save(state, "last.pt")
             return False
         val_loss, val_acc = validate(state.model, state.splits["val"], cfg.eval_batch_size)  # the same on every rank
@@ -472,7 +474,7 @@ def stop_signals():
 
 
 def new_progress() -> dict:
-    return {"step": 0, "loss_sum": 0.0, "correct": 0, "seen": 0}
+    return {"step": 0, "loss_sum": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
 
 
 def interrupted(cfg: Config) -> int:

@@ -4,9 +4,12 @@ precision, old schedule names, a worker lost between two saves (issue 19, bugs 4
 import os
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import distributed
 import rundir
@@ -79,6 +82,30 @@ def test_resuming_with_fewer_epochs_than_trained_is_refused_and_touches_nothing(
     result = run_main(*run_flags(run_dir), "--resume", "--epochs", 1)
     assert one_error_line(result) == f"error: run {run_dir} has trained {message}"
     assert "epoch" not in result.stdout and files(run_dir) == before
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    """train.py's clock, moved on 10 s by every optimiser step and by nothing else: an epoch takes 10 s a step."""
+    now = [0.0]
+    monkeypatch.setattr(train, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+    hook = register_optimizer_step_post_hook(lambda *args: now.__setitem__(0, now[0] + 10))
+    yield
+    hook.remove()
+
+
+def test_an_epoch_resumed_in_its_middle_counts_its_whole_time_and_images(mnist_dir, tmp_path, run_main, clock):
+    """An epoch stopped half-way and resumed reports the seconds of all its steps, before and after the resume, and
+    images per second over those seconds, in the history and in TensorBoard, as an epoch trained in one go does."""
+    run_dir = tmp_path / "run"
+    assert stopped_run(mnist_dir, run_dir, 2, after_epochs=1, steps=4)["epoch_progress"]["seconds"] == 4 * 10
+    assert run_main(*run_flags(run_dir), "--resume").returncode == 0
+    history = load_checkpoint(run_dir / "last.pt")[1]["history"]
+    assert [row["seconds"] for row in history] == [STEPS_PER_EPOCH * 10] * 2
+    reader = EventAccumulator(str(run_dir))
+    reader.Reload()
+    speed = {event.step: event.value for event in reader.Scalars("speed/images_per_second")}
+    assert speed == {STEPS_PER_EPOCH * n: pytest.approx(500 / (STEPS_PER_EPOCH * 10)) for n in (1, 2)}
 
 
 def test_resuming_a_finished_run_says_so_and_touches_nothing(trained_run, tmp_path, run_main):
