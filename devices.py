@@ -48,7 +48,10 @@ def pick_device(name: str) -> torch.device:
 
 
 def amp_dtype(device: torch.device) -> torch.dtype:
-    """bfloat16 where the device has it (no loss scaling needed); float16 on CUDA GPUs without it."""
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    """bfloat16 where the device computes in it (no loss scaling needed); float16 on CUDA GPUs without it.
+
+    A GPU older than Ampere (T4, V100) only emulates bfloat16, slowly, and is_bf16_supported() counts that
+    unless told not to (including_emulation, in torch since 2.4)."""
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
         return torch.float16
     return torch.bfloat16

@@ -49,8 +49,17 @@ def under_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ
 
 
+# The most restarts that any process of the group was told, once the group is up (see restarts()).
+_group_restarts = None
+
+
 def restarts() -> int:
-    """How often torchrun has started this job's process group again after a worker failed (--max-restarts)."""
+    """How often torchrun has started this job's process group again after a worker failed (--max-restarts).
+
+    torchrun counts on each machine, and a machine whose own workers were well restarts them with a count of 0
+    when a worker on another machine failed; inside the group it is the most that any process of it was told."""
+    if _group_restarts is not None:
+        return _group_restarts
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
 
 
@@ -89,20 +98,34 @@ def process_group(timeout_seconds: int):
     if world_size() == 1:
         yield
         return
+    global _group_restarts
     timeout = datetime.timedelta(seconds=timeout_seconds)
-    # torchrun's workers share the agent's key-value store, which outlives a restart of the group; without a
-    # prefix per restart, a restarted rank can read the address of a dead one and fail to connect (seen with
-    # torch 2.14 and gloo; pytorch/pytorch#135712 describes the same for NCCL).
+    shared_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    machines = int(os.environ.get("GROUP_WORLD_SIZE", 1))
+    if shared_store and machines > 1 and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)) > 0:
+        raise UserError(
+            f"torchrun with --max-restarts on {machines} machines needs TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in "
+            f"torchrun's environment on every machine: without it a restart reuses the old rendezvous store, "
+            f"where the machines' processes cannot find each other (pytorch/pytorch#135712)"
+        )
     store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
-    store = dist.PrefixStore(f"mnist-train/restart-{restarts()}", store)
+    if shared_store:
+        # The workers share the agent's key-value store, which outlives a restart of the group; without a prefix
+        # per restart, a restarted rank can read the address of a dead one and fail to connect (seen with torch
+        # 2.14 and gloo; pytorch/pytorch#135712 describes the same for NCCL). On one machine the count agrees.
+        store = dist.PrefixStore(f"mnist-train/restart-{restarts()}", store)
     dist.init_process_group(group_backend(), store=store, rank=rank(), world_size=world_size(), timeout=timeout)
     try:
+        count = torch.tensor(restarts())
+        dist.all_reduce(count, op=dist.ReduceOp.MAX)
+        _group_restarts = int(count)
         yield
         # Leave together. Ranks other than 0 finish first (rank 0 alone runs the test), and one that tore its
         # group down while rank 0 still worked sometimes aborted in gloo's C++ ("terminate called without an
         # active exception"), which torchrun takes for a failed job.
         dist.barrier()
     finally:
+        _group_restarts = None
         dist.destroy_process_group()
 
 

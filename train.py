@@ -129,6 +129,15 @@ def resume_point(cfg: Config, argv) -> tuple[Config, dict | None]:
         run_dir = rundir.find_run(cfg.out_dir, cfg.run_name)
     _, saved = load_checkpoint(run_dir / "last.pt")  # checks the weights fit before any process uses them
     cfg = replace(resume_config(saved["config"], argv), out_dir=str(run_dir.parent), run_name=run_dir.name)
+    done, step = saved["epoch"], saved["epoch_progress"]["step"]
+    if cfg.epochs < done + (step > 0):  # the run would train nothing, drop a partly trained epoch, and be tested
+        trained = f"{done} epoch{'s' * (done != 1)}" + (f" and {step} steps of epoch {done + 1}" if step else "")
+        planned = saved["config"]["epochs"]
+        raise UserError(
+            f"run {run_dir} has trained {trained}, more than --epochs {cfg.epochs}, which would "
+            f"{'drop those steps' if step else 'train nothing'} and test it; to train on, pass --epochs N with "
+            f"N > {done}{f', or leave --epochs out to finish its {planned}' if planned > done else ''}"
+        )
     best = run_dir / "best.pt"
     finished = saved["epoch"] >= cfg.epochs and best.is_file() and "test_acc" in read_checkpoint(best)
     if finished and not distributed.restarts():  # a restarted group finishes its job again, to end with exit code 0
@@ -287,10 +296,12 @@ def train_epochs(state: State, stop_requested) -> bool:
     if record["epoch"] < cfg.epochs:
         print_header()
     for epoch in range(record["epoch"], cfg.epochs):
-        start = time.perf_counter()
+        # The clock goes on from the time a resumed epoch had already taken, so that its seconds, and its images
+        # per second, are the whole epoch's (a last.pt saved before "seconds" was kept counts from the resume).
+        start = time.perf_counter() - record["epoch_progress"].get("seconds", 0.0)
         progress = train_epoch(state, epoch, stop_requested)
         if progress["seen"] < len(train_split):  # stopped mid-epoch: save exactly where we are
-            record["epoch_progress"] = progress
+            record["epoch_progress"] = {**progress, "seconds": time.perf_counter() - start}
             save(state, "last.pt")
             return False
         val_loss, val_acc = validate(state.model, state.splits["val"], cfg.eval_batch_size)  # the same on every rank
@@ -495,7 +506,7 @@ def stop_signals():
 
 
 def new_progress() -> dict:
-    return {"step": 0, "loss_sum": 0.0, "correct": 0, "seen": 0}
+    return {"step": 0, "loss_sum": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
 
 
 def interrupted(cfg: Config) -> int:

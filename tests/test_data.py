@@ -8,7 +8,7 @@ import torchvision
 import data
 from config import UserError
 from conftest import N_TEST, N_TRAIN, REAL_DATA, needs_real_data, synthetic_digits, write_idx
-from data import MNIST_MEAN, MNIST_STD, RAW_FILES, load_split, load_splits
+from data import MNIST_MEAN, MNIST_STD, RAW_FILES, MNISTData, load_split, load_splits
 
 
 def test_splits_have_the_right_sizes_and_items(mnist_dir):
@@ -28,6 +28,13 @@ def test_items_are_normalised_with_the_mnist_constants(mnist_dir):
     expected = (torch.from_numpy(images[5]).float() / 255 - MNIST_MEAN) / MNIST_STD
     assert torch.allclose(image[0], expected, atol=1e-5)
     assert label == labels[5]
+
+
+def test_a_per_image_transform_is_refused_rather_than_ignored(mnist_dir):
+    """MNISTData takes no transform: training reads whole batches, never ds[i], so one would silently do nothing."""
+    test = load_splits(mnist_dir, val_size=100, split_seed=0, download=False)["test"]
+    with pytest.raises(TypeError, match="transform"):
+        MNISTData(test.images, test.labels, transform=lambda image: image.flip(-1))
 
 
 def test_split_is_disjoint_and_deterministic(mnist_dir):

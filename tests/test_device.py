@@ -3,13 +3,15 @@
 Only the CPU is real here: each accelerator is faked by monkeypatching torch.accelerator, so these tests check
 the choice, not that a GPU trains."""
 
+import inspect
+
 import pytest
 import torch
 import torch.distributed as dist
 
 import distributed
 from config import UserError, parse_args
-from devices import pick_device
+from devices import amp_dtype, pick_device
 
 
 @pytest.fixture
@@ -132,6 +134,7 @@ def test_a_group_started_on_a_gpu_machine_serves_a_cpu_run(machine, monkeypatch)
     monkeypatch.setattr(dist, "rendezvous", lambda url, timeout: iter([(object(), 0, 2)]))
     monkeypatch.setattr(dist, "PrefixStore", lambda prefix, store: store)
     monkeypatch.setattr(dist, "init_process_group", lambda backend, **kwargs: started.append(backend))
+    monkeypatch.setattr(dist, "all_reduce", lambda tensor, op: None)
     monkeypatch.setattr(dist, "barrier", lambda: None)
     monkeypatch.setattr(dist, "destroy_process_group", lambda: None)
     with distributed.process_group(timeout_seconds=10):
@@ -162,3 +165,20 @@ def test_an_unknown_device_type_is_one_line(name, message):
     with pytest.raises(UserError) as error:
         parse_args(["--device", name])
     assert message in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "gpu, native, expected",
+    [("A100 (Ampere)", True, torch.bfloat16), ("T4 (Turing, bfloat16 only emulated)", False, torch.float16)],
+)
+def test_mixed_precision_is_bfloat16_only_where_the_gpu_computes_in_it(machine, monkeypatch, gpu, native, expected):
+    """--amp on a CUDA GPU that only emulates bfloat16 takes float16 with loss scaling; on one that has it, bfloat16."""
+    machine("cuda")
+    assert "including_emulation" in inspect.signature(torch.cuda.is_bf16_supported).parameters  # the fake's API
+
+    def is_bf16_supported(including_emulation=True):  # as torch answers: an emulating GPU says yes by default
+        return native or including_emulation
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    assert amp_dtype(torch.device("cuda")) == expected, gpu
+    assert amp_dtype(torch.device("cpu")) == torch.bfloat16  # CPU autocast (--amp refuses the CPU before it)

@@ -4,8 +4,12 @@ precision, old schedule names, a worker lost between two saves (issue 19, bugs 4
 import os
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
+import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import distributed
 import rundir
@@ -33,6 +37,75 @@ def one_error_line(result, exit_code=2) -> str:
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr, result.stderr
     return lines[0]
+
+
+STEPS_PER_EPOCH = 10  # fast_args: 500 training images in batches of 50
+
+
+def stopped_run(mnist_dir, run_dir: Path, epochs: int, after_epochs: int, steps: int) -> dict:
+    """A run of `epochs` stopped, as Ctrl-C stops it, after `steps` optimiser steps of the epoch that follows
+    `after_epochs` (steps=0: at the end of epoch `after_epochs`); its last.pt."""
+    asked = iter(range(1, 1000))
+    stop_at = after_epochs * (STEPS_PER_EPOCH + 1) + steps  # the loop asks after each step and each epoch's save
+    cfg = parse_args(fast_args(mnist_dir, run_dir, "--epochs", epochs))
+    assert train.run(cfg, stop_requested=lambda: next(asked) == stop_at) == 130
+    return load_checkpoint(run_dir / "last.pt")[1]
+
+
+@pytest.mark.parametrize(
+    "epochs, after_epochs, steps, message",
+    [
+        (
+            3,
+            2,
+            0,
+            "2 epochs, more than --epochs 1, which would train nothing and test it; to train on, pass "
+            "--epochs N with N > 2, or leave --epochs out to finish its 3",
+        ),
+        (
+            2,
+            1,
+            5,
+            "1 epoch and 5 steps of epoch 2, more than --epochs 1, which would drop those steps and test it; "
+            "to train on, pass --epochs N with N > 1, or leave --epochs out to finish its 2",
+        ),
+    ],
+)
+def test_resuming_with_fewer_epochs_than_trained_is_refused_and_touches_nothing(
+    mnist_dir, tmp_path, run_main, epochs, after_epochs, steps, message
+):
+    """--resume --epochs N, where N is below the epochs trained (or ends before a partly trained one), would train
+    nothing, drop what that epoch had learned, and test: it is refused in one line, with every file kept."""
+    run_dir = tmp_path / "stopped"
+    stopped_run(mnist_dir, run_dir, epochs, after_epochs, steps)
+    before = files(run_dir)
+    result = run_main(*run_flags(run_dir), "--resume", "--epochs", 1)
+    assert one_error_line(result) == f"error: run {run_dir} has trained {message}"
+    assert "epoch" not in result.stdout and files(run_dir) == before
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    """train.py's clock, moved on 10 s by every optimiser step and by nothing else: an epoch takes 10 s a step."""
+    now = [0.0]
+    monkeypatch.setattr(train, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+    hook = register_optimizer_step_post_hook(lambda *args: now.__setitem__(0, now[0] + 10))
+    yield
+    hook.remove()
+
+
+def test_an_epoch_resumed_in_its_middle_counts_its_whole_time_and_images(mnist_dir, tmp_path, run_main, clock):
+    """An epoch stopped half-way and resumed reports the seconds of all its steps, before and after the resume, and
+    images per second over those seconds, in the history and in TensorBoard, as an epoch trained in one go does."""
+    run_dir = tmp_path / "run"
+    assert stopped_run(mnist_dir, run_dir, 2, after_epochs=1, steps=4)["epoch_progress"]["seconds"] == 4 * 10
+    assert run_main(*run_flags(run_dir), "--resume").returncode == 0
+    history = load_checkpoint(run_dir / "last.pt")[1]["history"]
+    assert [row["seconds"] for row in history] == [STEPS_PER_EPOCH * 10] * 2
+    reader = EventAccumulator(str(run_dir))
+    reader.Reload()
+    speed = {event.step: event.value for event in reader.Scalars("speed/images_per_second")}
+    assert speed == {STEPS_PER_EPOCH * n: pytest.approx(500 / (STEPS_PER_EPOCH * 10)) for n in (1, 2)}
 
 
 def test_resuming_a_finished_run_says_so_and_touches_nothing(trained_run, tmp_path, run_main):

@@ -18,10 +18,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+import distributed
 import train
 
 PAUSE_AFTER_STEP = int(os.environ["PAUSE_AFTER_STEP"])
-restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
 steps = 0
 
 # Python's C-level handler writes a byte here for every signal that arrives, on whichever thread it lands,
@@ -34,7 +34,7 @@ signal.set_wakeup_fd(wake)
 def pause(optimizer, args, kwargs) -> None:
     global steps
     steps += 1
-    if steps == PAUSE_AFTER_STEP and not restarted:
+    if steps == PAUSE_AFTER_STEP and not distributed.restarts():  # the group's count: torchrun's is per machine
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"paused after step {steps}", flush=True)
         os.read(woken, 1)  # until a signal; train.py's handler runs as soon as Python runs again
