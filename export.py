@@ -56,6 +56,7 @@ SITE = {
     "demo.css": STATIC / "demo.css",
     "demo.js": STATIC / "demo.js",
     "classify.js": STATIC / "browser" / "classify.js",
+    "worker.js": STATIC / "browser" / "worker.js",
     "prepare.js": STATIC / "browser" / "prepare.js",
     "ort.wasm.min.js": ORT_WEB / "dist" / "ort.wasm.min.js",
     "ort-wasm-simd-threaded.mjs": ORT_WEB / "dist" / "ort-wasm-simd-threaded.mjs",

@@ -1,60 +1,36 @@
 // Where the answers come from on the static site that `python export.py --format web` writes: the exported
-// model (model.onnx) run in this browser by onnxruntime-web's WebAssembly backend, on the digit that
-// prepare.js makes of the pad, as digits.prepare_digit makes it on the server. Nothing leaves the page.
+// model (model.onnx), run in this browser by onnxruntime-web's WebAssembly backend, on the digit that
+// prepare.js makes of the pad, as digits.prepare_digit makes it on the server. Both run in a worker
+// (worker.js), so the page keeps drawing while a drawing is read. Nothing leaves the page.
 "use strict";
 
 const classifier = {
   where: "The network runs in your browser (onnxruntime-web): no server, nothing you draw leaves this page.",
   photos: false, // prepare_digit's photo path (background, threshold) is not ported and measured in JavaScript
-  session: openModel(), // loading from the page's load on, so that the first drawing waits as little as possible
+  worker: null,
+  waiting: new Map(), // request id -> the promise's resolve and reject
+  asked: 0,
+  ready: null, // settles when the worker has loaded the model (or failed to): benchmarks/web_browser.py waits on it
 
-  async classify(pad) {
-    let session;
-    try {
-      session = await (this.session ||= openModel());
-    } catch (err) {
-      this.session = null; // this drawing shows why; the next one tries again
-      throw err;
-    }
-    const digit = prepareDrawing(pad.getContext("2d").getImageData(0, 0, pad.width, pad.height));
-    if (!digit) throw new Error("no digit found: nothing stands out from the background");
-    const pixels = Float32Array.from(digit, (v) => v / 255); // the model's input: [0, 1], white on black
-    const output = await session.run({ pixels: new ort.Tensor("float32", pixels, [1, 1, 28, 28]) });
-    const logits = Array.from(output.logits.data);
-    const most = Math.max(...logits);
-    const exp = logits.map((z) => Math.exp(z - most));
-    const sum = exp.reduce((a, b) => a + b);
-    const probabilities = exp.map((e) => e / sum);
-    const best = logits.indexOf(most);
-    return { digit: best, confidence: probabilities[best], probabilities, prepared: pngOf(digit) };
+  // The answer ({digit, confidence, probabilities, prepared, ms}) for the pad's drawing; throws an Error whose
+  // message is the line to show.
+  classify(pad) {
+    const image = pad.getContext("2d").getImageData(0, 0, pad.width, pad.height);
+    const id = ++this.asked;
+    return new Promise((resolve, reject) => {
+      this.waiting.set(id, { resolve, reject });
+      this.worker.postMessage({ id, image }, [image.data.buffer]);
+    }).then(answer);
   },
 };
 
-// prepare.js, onnxruntime-web and the model, loaded once
-async function openModel() {
-  try {
-    if (typeof prepareDrawing === "undefined") await load("prepare.js");
-    if (typeof ort === "undefined") await load("ort.wasm.min.js");
-    ort.env.wasm.wasmPaths = new URL("./", location.href).href; // this folder, never a CDN
-    // Threads need cross-origin isolation (COOP and COEP headers), which python -m http.server and GitHub
-    // Pages do not send; one image is far too small to split anyway.
-    ort.env.wasm.numThreads = 1;
-    return await ort.InferenceSession.create("model.onnx", { executionProviders: ["wasm"] });
-  } catch (err) {
-    const how = location.protocol === "file:" ? "; a page opened as a file cannot load WebAssembly: " +
-      "serve the folder, e.g. python -m http.server -d web" : "";
-    throw new Error(`the model could not be loaded (${err.message || err})${how}`);
-  }
-}
-
-function load(src) {
-  return new Promise((resolve, reject) => {
-    const script = document.createElement("script");
-    script.src = src;
-    script.onload = resolve;
-    script.onerror = () => reject(new Error(`${src} did not load`));
-    document.head.appendChild(script);
-  });
+function answer({ digit, logits, ms }) {
+  const most = Math.max(...logits);
+  const exp = logits.map((z) => Math.exp(z - most));
+  const sum = exp.reduce((a, b) => a + b);
+  const probabilities = exp.map((e) => e / sum);
+  const best = logits.indexOf(most);
+  return { digit: best, confidence: probabilities[best], probabilities, prepared: pngOf(digit), ms };
 }
 
 // 784 uint8 values -> a PNG data URL of the 28x28 digit, for #prepared
@@ -68,4 +44,21 @@ function pngOf(digit) {
   return canvas.toDataURL("image/png");
 }
 
-classifier.session.catch(() => {}); // a failure to load is shown at the first drawing, not as an uncaught error
+// The worker starts loading onnxruntime-web and the model as the page loads, so that the first drawing
+// waits as little as possible.
+try {
+  classifier.worker = new Worker("worker.js");
+  classifier.ready = new Promise((resolve) => {
+    classifier.worker.onmessage = ({ data }) => {
+      if ("ready" in data) return resolve(data);
+      const { resolve: settle, reject } = classifier.waiting.get(data.id);
+      classifier.waiting.delete(data.id);
+      if (data.error) reject(new Error(data.error));
+      else settle(data);
+    };
+  });
+} catch (err) { // a page opened from file:// may start no worker
+  const reason = "this page cannot start its worker from a file: serve the folder, e.g. python -m http.server -d web";
+  classifier.classify = async () => { throw new Error(reason); };
+  classifier.ready = Promise.resolve({ ready: false, error: reason });
+}
