@@ -6,8 +6,8 @@
 It exports the site to a temporary folder, serves it with `python -m http.server` and starts `python demo.py`,
 both on 127.0.0.1, and prints:
   - the folder's size, file by file;
-  - from navigation to the model's being ready, and to the first answer to a digit drawn at once (a fresh
-    browser context each time, so nothing is cached; median of --loads);
+  - from navigation to the first answer to a digit drawn at once (a fresh browser context each time, so
+    nothing is cached; median of --loads);
   - per classification of the same drawing, the page's own classifier.classify(pad) timed inside the page:
     in the browser (the pad's pixels to the worker, prepare.js, onnxruntime-web, the answer back) and through
     the server (the pad as PNG, POST /predict, prepare_digit and the model, the JSON back); medians of
@@ -79,8 +79,8 @@ TIME_PARTS = """async (repeats) => {
 }"""
 
 
-def first_answer(browser, url) -> tuple[float, float]:
-    """In a fresh context: ms from navigation to the model's being ready, and to the first answer to a drawing."""
+def first_answer(browser, url) -> float:
+    """In a fresh context, nothing cached: ms from navigation to the answer to a digit drawn at once."""
     context = browser.new_context(viewport={"width": 1000, "height": 660})
     page = context.new_page()
     page.set_default_timeout(WAIT_MS)
@@ -88,10 +88,9 @@ def first_answer(browser, url) -> tuple[float, float]:
     box = page.locator("#pad").bounding_box()
     draw(page, [[(100, 60), (90, 230)]], box)
     answer(page)
-    done = page.evaluate("performance.now()")
-    ready = page.evaluate("classifier.ready.then(() => performance.now())")
+    done = page.evaluate("performance.now()")  # ms since the navigation began
     context.close()
-    return ready, done
+    return done
 
 
 def main():
@@ -119,9 +118,7 @@ def main():
             browser = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
             loads = [first_answer(browser, static_url) for _ in range(args.loads)]
             print(
-                f"static page, cold loads (median of {args.loads}): model ready "
-                f"{statistics.median(r for r, _ in loads):.0f} ms, first answer {statistics.median(d for _, d in loads):.0f} ms "
-                f"after navigation"
+                f"static page, cold loads: the first answer {statistics.median(loads):.0f} ms after navigation (median of {args.loads})"
             )
             times = {}
             for name, url in (("browser", static_url), ("server", served_url)):

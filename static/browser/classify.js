@@ -10,7 +10,6 @@ const classifier = {
   worker: null,
   waiting: new Map(), // request id -> the promise's resolve and reject
   asked: 0,
-  ready: null, // settles when the worker has loaded the model (or failed to): benchmarks/web_browser.py waits on it
 
   // The answer ({digit, confidence, probabilities, prepared, ms}) for the pad's drawing; throws an Error whose
   // message is the line to show.
@@ -48,17 +47,13 @@ function pngOf(digit) {
 // waits as little as possible.
 try {
   classifier.worker = new Worker("worker.js");
-  classifier.ready = new Promise((resolve) => {
-    classifier.worker.onmessage = ({ data }) => {
-      if ("ready" in data) return resolve(data);
-      const { resolve: settle, reject } = classifier.waiting.get(data.id);
-      classifier.waiting.delete(data.id);
-      if (data.error) reject(new Error(data.error));
-      else settle(data);
-    };
-  });
+  classifier.worker.onmessage = ({ data }) => {
+    const { resolve, reject } = classifier.waiting.get(data.id);
+    classifier.waiting.delete(data.id);
+    if (data.error) reject(new Error(data.error));
+    else resolve(data);
+  };
 } catch (err) { // a page opened from file:// may start no worker
   const reason = "this page cannot start its worker from a file: serve the folder, e.g. python -m http.server -d web";
   classifier.classify = async () => { throw new Error(reason); };
-  classifier.ready = Promise.resolve({ ready: false, error: reason });
 }

@@ -1,6 +1,6 @@
 // The static site's classifier, off the page's thread: prepare.js on the pad's pixels, then the model in
 // onnxruntime-web's WebAssembly backend. classify.js sends {id, image}; the answer is {id, digit, logits, ms}
-// or {id, error}. At start it loads the model and says {ready: true} or {ready: false, error}.
+// or {id, error}. It starts loading the model as soon as the page starts it.
 "use strict";
 
 importScripts("prepare.js");
@@ -14,13 +14,9 @@ async function open() {
     // Threads need cross-origin isolation (COOP and COEP headers), which python -m http.server and GitHub
     // Pages do not send; one image is far too small to split anyway.
     ort.env.wasm.numThreads = 1;
-    const opened = await ort.InferenceSession.create("model.onnx", { executionProviders: ["wasm"] });
-    postMessage({ ready: true });
-    return opened;
+    return await ort.InferenceSession.create("model.onnx", { executionProviders: ["wasm"] });
   } catch (err) {
-    const error = `the model could not be loaded (${err.message || err}); serve this folder over http`;
-    postMessage({ ready: false, error });
-    throw new Error(error);
+    throw new Error(`the model could not be loaded (${err.message || err}); serve this folder over http`);
   }
 }
 
