@@ -2,6 +2,7 @@
 
     python export.py                                      # the latest run's best.pt -> best.onnx and best.pt2 beside it
     python export.py runs/cnn/best.pt --format onnx --out model.onnx
+    python export.py --format web                         # a static site beside it, web/: the page runs the ONNX model
 
 The exported graph takes what a user has and gives what the model gives:
     input  "pixels": float32 (N, 1, 28, 28) in [0, 1], a white digit on black, as torchvision's ToTensor gives
@@ -9,13 +10,19 @@ The exported graph takes what a user has and gives what the model gives:
 The normalisation is inside the graph and N is free. Before a file is written, it is run on the MNIST test
 set (or on a fixed batch of printed digits when the data is not there) and its logits are compared with the
 checkpoint's; a file that disagrees is not written.
+
+--format web writes a folder that any static server can serve: the demo's page (static/), with
+static/browser/'s classify.js in place of the server's, the verified ONNX file as model.onnx, and
+onnxruntime-web's WebAssembly backend from node_modules/ (`npm ci` installs it, pinned by package-lock.json).
 """
 
 import hashlib
 import importlib
 import io
 import json
+import shutil
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -37,6 +44,26 @@ NEEDS = {"onnx": ("onnxscript", "onnx", "onnxruntime"), "pt2": ()}  # packages b
 INPUT = "pixels: float32 (N, 1, 28, 28) in [0, 1], a white digit on black, as torchvision's ToTensor gives"
 OUTPUT = "logits: float32 (N, 10), one per digit 0-9; softmax gives the probabilities"
 
+ROOT = Path(__file__).resolve().parent
+STATIC = ROOT / "static"
+ORT_WEB = ROOT / "node_modules" / "onnxruntime-web"
+# The static site: every file the page loads, and nothing else. The page is the demo's (static/); classify.js
+# comes from static/browser/, where the answers come from the model in the browser instead of POST /predict.
+# Of onnxruntime-web only the WebAssembly backend: ort.wasm.min.js loads the .mjs, which loads the .wasm
+# (the WebGPU/JSEP, JSPI and asyncify builds are as large again each, and the page never asks for them).
+SITE = {
+    "index.html": STATIC / "index.html",
+    "demo.css": STATIC / "demo.css",
+    "demo.js": STATIC / "demo.js",
+    "classify.js": STATIC / "browser" / "classify.js",
+    "worker.js": STATIC / "browser" / "worker.js",
+    "prepare.js": STATIC / "browser" / "prepare.js",
+    "ort.wasm.min.js": ORT_WEB / "dist" / "ort.wasm.min.js",
+    "ort-wasm-simd-threaded.mjs": ORT_WEB / "dist" / "ort-wasm-simd-threaded.mjs",
+    "ort-wasm-simd-threaded.wasm": ORT_WEB / "dist" / "ort-wasm-simd-threaded.wasm",
+}
+MODEL_FILE = "model.onnx"  # the one file of the site that export.py makes rather than copies
+
 
 class Exported(nn.Module):
     """A trained model with its normalisation in front: pixels in [0, 1] (N, 1, 28, 28) -> logits (N, 10)."""
@@ -51,6 +78,14 @@ class Exported(nn.Module):
 
 def require(fmt: str) -> None:
     """Import what exporting `fmt` needs, or say which package is missing and how to install it."""
+    if fmt == "web":
+        missing = [name for name, source in SITE.items() if not source.is_file()]
+        if missing:
+            raise UserError(
+                f"exporting to web needs onnxruntime-web in {ORT_WEB} (no {missing[0]}): run `npm ci` in {ROOT} "
+                "(npm comes with Node.js: apt-get install nodejs npm)"
+            )
+        fmt = "onnx"
     for name in NEEDS[fmt]:
         try:
             importlib.import_module(name)
@@ -188,17 +223,65 @@ def check_writable(path: Path, checkpoint: Path) -> None:
         raise UserError(f"cannot write {path} ({e.strerror}); pass --out with a path in a writable folder") from None
 
 
+def check_site_folder(folder: Path, checkpoint: Path) -> None:
+    """Fail now if the site cannot go to `folder`: a file is there, a folder other than an earlier site
+    (whose files export.py would delete), or one whose parent cannot be written."""
+    if folder.is_file():
+        raise UserError(f"cannot write the site to {folder}: it is a file; pass --out with a folder name")
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / MODEL_FILE).is_file():
+        raise UserError(
+            f"{folder} is a folder that holds something other than an earlier web export, and the export would "
+            "replace it; pass --out with a new or empty folder"
+        )
+    if checkpoint.resolve().is_relative_to(folder.resolve()):
+        raise UserError(f"--out {folder} holds the checkpoint, and the export would replace it; pass another folder")
+    try:
+        tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{folder.name}.").cleanup()
+    except OSError as e:
+        raise UserError(f"cannot write {folder} ({e.strerror}); pass --out with a folder in a writable place") from None
+
+
+def write_site(folder: Path, model: bytes) -> int:
+    """Write the static site to `folder` and return its size in bytes. It is built in a temporary folder beside
+    `folder` and renamed into place, so a failure leaves the earlier site (or nothing), never half of one."""
+    building = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    old = None
+    try:
+        for name, source in SITE.items():
+            shutil.copyfile(source, building / name)
+        (building / MODEL_FILE).write_bytes(model)
+        building.chmod(0o755)  # mkdtemp's 0o700 would hide the site from a web server running as another user
+        if folder.exists():
+            old = folder.rename(building.with_name(f"{building.name}.old"))
+        building.rename(folder)
+    except OSError as e:
+        if old is not None and not folder.exists():
+            old.rename(folder)
+        raise UserError(f"could not write {folder}: {e.strerror or e}; nothing there has changed") from None
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
+        if old is not None and folder.exists():
+            shutil.rmtree(old, ignore_errors=True)
+    return sum(f.stat().st_size for f in folder.iterdir())
+
+
 def parse_args(argv):
     parser = Parser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument(
         "checkpoint", nargs="?", type=Path, help="a best.pt or last.pt (default: the latest run's best.pt)"
     )
-    parser.add_argument("--format", choices=(*FORMATS, "all"), default="all", help="what to write (default: all)")
+    parser.add_argument(
+        "--format",
+        choices=(*FORMATS, "all", "web"),
+        default="all",
+        help="what to write (default: all, which is onnx and pt2); web: a static site that runs the model in the browser",
+    )
     parser.add_argument(
         "--out",
         type=Path,
         help="the file to write (default: beside the checkpoint, best.onnx and "
-        "best.pt2); with --format all its suffix becomes .onnx and .pt2",
+        "best.pt2); with --format all its suffix becomes .onnx and .pt2; with --format web, the folder "
+        "(default: web/ beside the checkpoint)",
     )
     parser.add_argument(
         "--data-dir",
@@ -211,14 +294,20 @@ def parse_args(argv):
 def main(argv=None) -> int:
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
-        formats = list(FORMATS) if args.format == "all" else [args.format]
-        for fmt in formats:
+        web = args.format == "web"
+        formats = list(FORMATS) if args.format == "all" else ["onnx"] if web else [args.format]
+        for fmt in ["web"] if web else formats:
             require(fmt)
         checkpoint = args.checkpoint or latest_checkpoint(Config().out_dir)
         model, ckpt = load_checkpoint(checkpoint)
-        paths = out_paths(checkpoint, args.out, formats)
-        for path in paths.values():
-            check_writable(path, checkpoint)
+        if web:
+            site = args.out or checkpoint.parent / "web"
+            check_site_folder(site, checkpoint)
+            paths = {"onnx": site / MODEL_FILE}
+        else:
+            paths = out_paths(checkpoint, args.out, formats)
+            for path in paths.values():
+                check_writable(path, checkpoint)
         norm = ckpt.get("normalization", {"mean": MNIST_MEAN, "std": MNIST_STD})
         wrapped = Exported(model, norm["mean"], norm["std"]).eval()
         meta = metadata(checkpoint, ckpt, norm["mean"], norm["std"])
@@ -242,6 +331,13 @@ def main(argv=None) -> int:
                     f"the exported {fmt} model's logits differ from the checkpoint's by {difference:.2e}, "
                     f"more than {TOLERANCE:.0e}; {path} was not written"
                 )
+            if web:
+                size = write_site(site, data)
+                print(
+                    f"wrote {site}/ ({len(SITE) + 1} files, {size / 1e6:.1f} MB): the page runs the model in the browser"
+                )
+                print(f"serve it with `python -m http.server -d {site}` and open http://127.0.0.1:8000")
+                continue
             atomic_write(path, data)  # only a verified file is written, and never half of one
             print(f"wrote {path} ({len(data) / 1e3:.0f} kB)")
         return 0

@@ -1,8 +1,9 @@
 // The drawing pad, the live answer and the photo upload. No framework: the page is small enough to read.
+// This file draws and shows; where the answers come from is classify.js's `classifier` (loaded before it).
 "use strict";
 
 const pad = document.getElementById("pad");
-const ctx = pad.getContext("2d");
+const ctx = pad.getContext("2d", { willReadFrequently: true });  // the browser classifier reads its pixels
 const prediction = document.getElementById("prediction");
 const confidence = document.getElementById("confidence");
 const prepared = document.getElementById("prepared");
@@ -10,6 +11,7 @@ const bars = document.getElementById("bars");
 const message = document.getElementById("message");
 const hint = document.getElementById("hint");
 const drop = document.getElementById("drop");
+document.getElementById("where").textContent = classifier.where;
 
 // MNIST's strokes are about 2.5 px thick on a digit 20 px tall. A digit drawn to fill most of the pad
 // keeps that ratio with a pen a twelfth of the pad wide.
@@ -95,19 +97,10 @@ async function send() {
   inFlight = true;
   const asked = generation;
   try {
-    const image = photo || await new Promise((resolve) => pad.toBlob(resolve, "image/png"));
-    const form = new FormData();
-    form.append("image", image, photo ? photo.name : "pad.png");
-    const response = await fetch("predict", { method: "POST", body: form });
-    // Every answer of demo.py is JSON; a proxy's or a crashed server's page is not, and is reported by its status.
-    const json = (response.headers.get("content-type") || "").startsWith("application/json");
-    const answer = json ? await response.json() : {};
-    if (asked === generation) {
-      if (response.ok && json) show(answer);
-      else showError(answer.error || `the server answered ${response.status} ${response.statusText}`.trim());
-    }
+    const answer = await classifier.classify(pad, photo);  // classify.js: the server's, or the browser's
+    if (asked === generation) show(answer);
   } catch (err) {
-    if (asked === generation) showError("the demo server cannot be reached: is `python demo.py` still running?");
+    if (asked === generation) showError(err.message);
   } finally {
     inFlight = false;
     if (dirty) send();
@@ -167,13 +160,14 @@ document.getElementById("clear").addEventListener("click", clearPad);
 // --- photos: the upload button, or a file dropped anywhere on the page -------------------------
 
 function classifyPhoto(file) {
-  if (!file) return;
+  if (!file || !classifier.photos) return;
   clearPad();
   photo = file;
+  empty = false;  // the pad shows the photo now: a resize must not wipe it while its answer stays
   hint.hidden = true;
   const url = URL.createObjectURL(file);
   const img = new Image();
-  img.onload = () => {  // show the photo fitted in the pad; the server reads the file itself, full size
+  img.onload = () => {  // show the photo fitted in the pad; the classifier reads the file itself
     const scale = Math.min(pad.width / img.width, pad.height / img.height);
     const w = img.width * scale, h = img.height * scale;
     if (photo === file) ctx.drawImage(img, (pad.width - w) / 2, (pad.height - h) / 2, w, h);
@@ -184,6 +178,11 @@ function classifyPhoto(file) {
   changed();
 }
 
+if (!classifier.photos) {  // this page reads drawings only, and says so where it offers photos elsewhere
+  document.getElementById("photos").textContent = "Photos are read by the served demo (python demo.py), not here.";
+  document.querySelector(".upload-button").hidden = true;
+}
+
 const upload = document.getElementById("upload");
 upload.addEventListener("change", () => {
   classifyPhoto(upload.files[0]);
@@ -191,7 +190,11 @@ upload.addEventListener("change", () => {
 });
 
 let dragDepth = 0;  // dragenter/dragleave fire for every child element crossed
-window.addEventListener("dragenter", (event) => { event.preventDefault(); dragDepth++; drop.hidden = false; });
+window.addEventListener("dragenter", (event) => {
+  event.preventDefault();
+  dragDepth++;
+  drop.hidden = !classifier.photos;
+});
 window.addEventListener("dragleave", () => { if (--dragDepth <= 0) { dragDepth = 0; drop.hidden = true; } });
 window.addEventListener("dragover", (event) => event.preventDefault());
 window.addEventListener("drop", (event) => {

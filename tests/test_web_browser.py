@@ -1,0 +1,171 @@
+"""The static site of `python export.py --format web` in a real headless Chromium, served by a plain static
+server: the page draws, prepares the digit and runs the network with no Python behind it.
+
+Skips outside CI when no Chromium is installed, as test_demo_browser.py does, or without onnxruntime-web
+(`npm ci`).
+"""
+
+import base64
+import contextlib
+import functools
+import http.server
+import io
+import threading
+from urllib.parse import urlsplit
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+import export
+import test_demo_browser
+from test_demo_browser import DRAWINGS, open_page
+from test_web import needs_onnxruntime_web
+
+from demo_browser import answer, draw, draw_digit, serve  # isort: skip (test_demo_browser puts benchmarks/ on the path)
+
+# The largest difference, on 0-255, between a pixel of prepare.js's 28x28 digit and prepare_digit's for the same
+# pad. The two compute the same steps in float32 and float64 in other orders; the thumbnail to 256 px resizes
+# the RGBA pad in PIL but its grey values in prepare.js, which differ where a stroke's edge meets the paper.
+PIXEL_TOLERANCE = 16
+
+browser = test_demo_browser.browser  # the fixture: one Chromium for this module's pages
+
+
+@contextlib.contextmanager
+def static_server(folder):
+    """Serve `folder` as `python -m http.server -d folder` does, on a free port of 127.0.0.1, from a thread."""
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):  # one line per request on stderr would bury a failure's output
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(folder)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def export_site(checkpoint, folder):
+    """`python export.py CHECKPOINT --format web --out FOLDER`, in this process (no second torch import)."""
+    with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.redirect_stderr(io.StringIO()) as err:
+        code = export.main([str(checkpoint), "--format", "web", "--out", str(folder)])
+    assert code == 0, err.getvalue()
+    return out.getvalue()
+
+
+def static_page(browser, checkpoint, folder):
+    """Yield the static site of `checkpoint`, exported to `folder` and served, open in a page that logs every
+    request in page.requests; close the page and stop the server afterwards."""
+    needs_onnxruntime_web()
+    export_site(checkpoint, folder)
+    with static_server(folder) as url:
+        page = open_page(browser, "about:blank")
+        page.requests = []
+        page.on("request", lambda request: page.requests.append(request))
+        page.folder = folder
+        page.goto(url)
+        yield page
+        page.close()
+
+
+@pytest.fixture(scope="module")
+def synthetic_site(browser, trained_run, tmp_path_factory):
+    """The static site of the small model trained on synthetic data: enough for the page's mechanics."""
+    yield from static_page(browser, trained_run / "best.pt", tmp_path_factory.mktemp("site") / "web")
+
+
+def data(url: str) -> bytes:
+    """The bytes of a data: URL, as the page's canvas.toDataURL() gives it."""
+    return base64.b64decode(url.split(",", 1)[1])
+
+
+def pixels(png: bytes) -> np.ndarray:
+    """A PNG's pixels as int greyscale (0-255)."""
+    return np.asarray(Image.open(io.BytesIO(png)).convert("L"), dtype=int)
+
+
+# --- the page's contract ---------------------------------------------------------------------
+
+
+def test_the_page_says_it_runs_in_the_browser_and_reads_drawings_only(synthetic_site):
+    """The page says where it runs; photos are not offered, and the page says that the served demo reads them."""
+    page = synthetic_site
+    assert "runs in your browser" in page.text_content("#where")
+    assert not page.is_visible("#upload") and not page.is_visible(".upload-button")
+    assert "python demo.py" in page.text_content("#photos")
+
+
+def test_a_drawing_is_read_with_files_of_the_pages_own_folder_only(synthetic_site):
+    """A drawing gets a digit, bars and the 28x28 view; every request goes to the page's own origin and asks
+    for a file of the exported folder, and the page asks for every file of it."""
+    page = synthetic_site
+    page.click("#clear")
+    draw(page, [[(100, 60), (90, 230)]], page.locator("#pad").bounding_box())
+    digit = answer(page)
+    assert digit in list("0123456789"), page.text_content("#message")
+    shares = page.eval_on_selector_all("#bars li", "bars => bars.map(b => parseFloat(b.style.getPropertyValue('--p')))")
+    assert abs(sum(shares) - 1) < 0.01 and shares.index(max(shares)) == int(digit)
+    assert page.eval_on_selector("#prepared", "img => img.complete && img.naturalWidth") == 28
+    origin = urlsplit(page.url)
+    asked = [urlsplit(r.url) for r in page.requests if not r.url.startswith("data:")]
+    assert {(u.scheme, u.netloc) for u in asked} == {(origin.scheme, origin.netloc)}, [r.url for r in page.requests]
+    assert {r.method for r in page.requests} == {"GET"}
+    files = {"index.html" if u.path == "/" else u.path.lstrip("/") for u in asked}
+    assert files == {*export.SITE, export.MODEL_FILE}
+
+
+def test_a_page_opened_as_a_file_says_to_serve_it(browser, synthetic_site):
+    """Opened from file://, where WebAssembly and the model cannot load, the page says to serve the folder."""
+    page = open_page(browser, (synthetic_site.folder / "index.html").as_uri())
+    try:
+        draw(page, [[(100, 60), (90, 230)]], page.locator("#pad").bounding_box())
+        assert answer(page) == ""
+        assert "python -m http.server" in page.text_content("#message")
+    finally:
+        page.close()
+
+
+# --- how well it reads drawn digits, against the served demo ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def real_site(browser, real_run, tmp_path_factory):
+    """The static site's page of a CNN trained on real MNIST, and `python demo.py` serving the same checkpoint
+    (skips without the data)."""
+    site = static_page(browser, real_run / "best.pt", tmp_path_factory.mktemp("real") / "web")
+    with serve(real_run / "best.pt") as url, httpx.Client(base_url=url, timeout=60) as server:
+        try:
+            yield next(site), server
+            next(site, None)  # close the page and stop the static server
+        finally:
+            site.close()
+
+
+@pytest.mark.timeout(600)  # 50 drawings, and real_run's training when this test is the first to ask for it
+def test_drawn_digits_are_read_alike_in_the_browser_and_by_the_served_demo(real_site):
+    """50 digits drawn with the mouse, varied in size, place, slant and stroke width, on the static page: it reads
+    >= 95% right; the served demo, sent the same pad as its page sends it, reads >= 95% right and gives the same
+    digit for >= 98%; and prepare.js's 28x28 digit matches prepare_digit's to PIXEL_TOLERANCE on every drawing."""
+    page, server = real_site
+    rng = np.random.default_rng(0)
+    read = {"static": [], "served": []}
+    worst = 0
+    for i in range(DRAWINGS):
+        page.click("#clear")
+        read["static"].append(draw_digit(page, i % 10, rng))
+        pad = data(page.evaluate("document.getElementById('pad').toDataURL('image/png')"))  # what the demo's page sends
+        served = server.post("/predict", files={"image": ("pad.png", pad)}).json()
+        read["served"].append(str(served["digit"]))
+        mine, theirs = (pixels(data(url)) for url in (page.get_attribute("#prepared", "src"), served["prepared"]))
+        worst = max(worst, int(np.abs(mine - theirs).max()))
+    right = {name: np.mean([got == str(i % 10) for i, got in enumerate(digits)]) for name, digits in read.items()}
+    same = np.mean([a == b for a, b in zip(read["static"], read["served"])])
+    print(f"\nread right of {DRAWINGS}: {right}; the two agree on {same:.0%}; largest pixel difference {worst}/255")
+    assert right["static"] >= 0.95 and right["served"] >= 0.95, read
+    assert same >= 0.98, read
+    assert worst <= PIXEL_TOLERANCE
