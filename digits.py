@@ -15,6 +15,9 @@ WORK_SIZE = 256  # longest side the cleaning works at: keeps strokes several pix
 INK_LEVEL = 0.25  # after cleaning, the share of the stroke's brightness from which a pixel counts as ink
 MIN_CONTRAST = 0.12  # ink must stand this far (on a 0-1 scale) above what is left of the background
 MAX_PIXELS = 64_000_000  # a 64-megapixel photo decodes to ~200 MB; a 60,000 x 60,000 PNG of a few hundred KB to 11 GB
+# The raster formats photos, scans and drawings come in. Pillow would otherwise try every plugin it has, and some
+# hand the file to another program: an EPS goes to Ghostscript, a PostScript interpreter, when it is installed.
+FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 
 
 class NoDigit(ValueError):
@@ -22,7 +25,8 @@ class NoDigit(ValueError):
 
 
 def load_image(source) -> Image.Image:
-    """A PIL image from a path, a file object, raw bytes, a numpy array or a PIL image. Raises ValueError."""
+    """A PIL image from a path, a file object, raw bytes, a numpy array or a PIL image, whose file is in one of
+    FORMATS. Raises ValueError."""
     if isinstance(source, Image.Image):
         return source
     if isinstance(source, np.ndarray):
@@ -31,7 +35,7 @@ def load_image(source) -> Image.Image:
     if isinstance(source, bytes):
         source = io.BytesIO(source)
     try:
-        image = Image.open(source)  # reads only the header: the size is known before any pixel is decoded
+        image = Image.open(source, formats=FORMATS)  # reads only the header: the size is known before any pixel
         if image.width * image.height > MAX_PIXELS:
             raise ValueError(
                 f"{image.width}x{image.height} pixels is more than the {MAX_PIXELS // 10**6}-megapixel "
@@ -45,7 +49,7 @@ def load_image(source) -> Image.Image:
     except IsADirectoryError:
         raise ValueError("is a folder, not an image") from None
     except UnidentifiedImageError:
-        raise ValueError("not an image PIL can read (JPEG, PNG, ...)") from None
+        raise ValueError(f"not a {', '.join(FORMATS[:-1])} or {FORMATS[-1]} image") from None
     except OSError as e:
         raise ValueError(f"cannot read it ({e.strerror or e})") from None
     return ImageOps.exif_transpose(image)  # phone photos store their rotation as a tag

@@ -145,6 +145,34 @@ def test_not_an_image(client):
     assert_error(post(client, b"hello, not a picture", name="notes.txt"), 415, "not")
 
 
+def test_every_documented_format_is_read(client):
+    """The pad's drawing saved in each format that docs/demo.md and predict.py's help name gets the PNG's answer."""
+    pad = Image.open(io.BytesIO(pad_png("7", transparent=False))).convert("RGB")
+    expected = post(client, pad_png("7", transparent=False)).json()["digit"]
+    for name in ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"):
+        buffer = io.BytesIO()
+        pad.save(buffer, format=name)
+        response = post(client, buffer.getvalue(), name=f"pad.{name.lower()}")
+        assert response.status_code == 200 and response.json()["digit"] == expected, (name, response.text)
+
+
+# An EPS that draws one vertical stroke: Pillow hands it to Ghostscript, a PostScript interpreter, to render.
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 100 100\nnewpath 50 10 moveto 50 90 lineto 10 setlinewidth stroke\n"
+
+
+@pytest.mark.skipif(not shutil.which("gs"), reason="no Ghostscript (gs): Pillow cannot render an EPS here anyway")
+def test_postscript_never_reaches_ghostscript(client, capsys, trained_run, tmp_path):
+    """An EPS, which Pillow would render with Ghostscript here, gets 415 from the server and one error line from
+    predict.py naming the formats that are read: only the raster formats in digits.FORMATS are opened."""
+    assert Image.open(io.BytesIO(EPS)).convert("L").getextrema()[0] < 128  # the hole is real: gs draws the stroke
+    assert_error(post(client, EPS, name="one.eps"), 415, "PNG, JPEG")
+    path = tmp_path / "one.eps"
+    path.write_bytes(EPS)
+    result = call_main(capsys, predict_cli.main, [path, "--checkpoint", trained_run / "best.pt"])
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [f"error: {path}: not a PNG, JPEG, WEBP, GIF, BMP or TIFF image"]
+
+
 def test_image_with_no_ink(client):
     """A blank pad gets 422: no digit found."""
     buffer = io.BytesIO()
