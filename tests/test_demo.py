@@ -4,6 +4,7 @@ import asyncio
 import base64
 import io
 import json
+import os
 import shutil
 import socket
 import struct
@@ -19,7 +20,7 @@ from PIL import Image, ImageDraw
 
 import demo
 import predict as predict_cli
-from conftest import ROOT, call_main, run_cli
+from conftest import ROOT, call_main, one_line_error, run_cli
 from digits import MAX_PIXELS, prepare_digit
 from model import load_checkpoint, predict
 
@@ -173,6 +174,14 @@ def test_postscript_never_reaches_ghostscript(client, capsys, trained_run, tmp_p
     assert result.stderr.strip().splitlines() == [f"error: {path}: not a PNG, JPEG, WEBP, GIF, BMP or TIFF image"]
 
 
+def test_other_paths_and_methods_get_json_errors(client):
+    """GET /predict, PUT /predict, an unknown page and POST / get their 404 or 405 as {"error": "<one line>"}, like
+    every other error, saying where the page and the endpoint are."""
+    for method, path, status in (("GET", "/predict", 404), ("PUT", "/predict", 405), ("GET", "/nope", 404)):
+        assert_error(client.request(method, path), status, f"{method} {path}", "POST /predict")
+    assert_error(client.post("/"), 405, "POST /")
+
+
 def test_image_with_no_ink(client):
     """A blank pad gets 422: no digit found."""
     buffer = io.BytesIO()
@@ -197,10 +206,11 @@ def test_unexpected_failure_is_a_json_500_and_serving_goes_on(model, monkeypatch
     request is answered as usual."""
     real = demo.classify
 
-    def broken(model, data):
-        if data == b"boom":
+    def broken(model, image):  # image: the uploaded file
+        if image.read() == b"boom":
             raise RuntimeError("a decoder's surprise")
-        return real(model, data)
+        image.seek(0)
+        return real(model, image)
 
     monkeypatch.setattr(demo, "classify", broken)
     with TestClient(demo.create_app(model)) as fresh:
@@ -248,13 +258,21 @@ def test_body_over_the_size_limit(model):
         assert_error(post(small, data + b"\0" * 2000), 413, "limit")
 
 
+FORM = {"content-type": "multipart/form-data; boundary=x"}
+
+
 def asgi_call(app, headers: dict) -> tuple[int, dict, int]:
     """POST /predict straight to the ASGI app; return (status, JSON body, how many times it asked for the body)."""
     reads, sent = [], []
 
-    async def receive():
+    async def receive():  # an endless body: a file part that never ends
         reads.append(1)
-        return {"type": "http.request", "body": b"x" * 1024, "more_body": True}  # an endless body
+        chunk = (
+            b'--x\r\nContent-Disposition: form-data; name="image"; filename="a"\r\n\r\n'
+            if len(reads) == 1
+            else b"x" * 1024
+        )
+        return {"type": "http.request", "body": chunk, "more_body": True}
 
     async def send(message):
         sent.append(message)
@@ -279,13 +297,16 @@ def asgi_call(app, headers: dict) -> tuple[int, dict, int]:
 
 
 def test_oversized_body_is_refused_before_it_is_read(model):
-    """A request announcing 1 GB is refused with 413 without reading any of its body; no length at all gets 411."""
-    app = demo.create_app(model)
-    form = {"content-type": "multipart/form-data; boundary=x"}
-    status, body, reads = asgi_call(app, {**form, "content-length": str(2**30)})
+    """A request announcing 1 GB is refused with 413 without reading any of its body."""
+    status, body, reads = asgi_call(demo.create_app(model), {**FORM, "content-length": str(2**30)})
     assert (status, reads) == (413, 0) and "limit" in body["error"]
-    status, body, reads = asgi_call(app, form)
-    assert (status, reads) == (411, 0) and "Content-Length" in body["error"]
+
+
+def test_body_without_length_is_counted_and_cut_off_at_the_limit(model):
+    """An endless body with no Content-Length gets 413 once more than the limit has come: at most the limit plus one
+    chunk is read (tests/test_demo_server.py sends such bodies to the real server)."""
+    status, body, reads = asgi_call(demo.create_app(model, max_bytes=10 * 1024), FORM)
+    assert (status, reads) == (413, 11) and "limit" in body["error"]
 
 
 def test_pixel_bomb_is_refused_from_its_header(client):
@@ -351,6 +372,26 @@ def test_default_checkpoint_is_the_latest_runs_best(trained_run, tmp_path):
     model = load_checkpoint(trained_run / "best.pt")[0]
     expected = predict(model, prepare_digit(pad_png()), prepare=False)[1][0]
     assert np.allclose(served["probabilities"], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("port", ["70000", "-1", "http"])
+def test_port_out_of_range_is_one_error_line(capsys, port):
+    """--port outside 0-65535, or not a number: exit 2 with one `error:` line naming --port, not a traceback."""
+    result = call_main(capsys, demo.main, ["--port", port])
+    line = one_line_error(result)
+    assert "--port" in line and port in line and "65535" in line
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2 if hasattr(os, "sched_getaffinity") else True, reason="one CPU")
+def test_workers_are_the_cpus_this_process_may_use():
+    """demo.WORKERS counts the CPUs the process may run on (taskset, a container's cpuset), not the machine's."""
+    allowed = os.sched_getaffinity(0)
+    assert demo.WORKERS == demo.usable_cpus() == len(allowed)
+    try:
+        os.sched_setaffinity(0, {min(allowed)})  # this thread only, as `taskset -c 0` would start the process
+        assert demo.usable_cpus() == 1
+    finally:
+        os.sched_setaffinity(0, allowed)
 
 
 def test_missing_checkpoint_is_one_error_line(tmp_path):
