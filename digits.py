@@ -24,9 +24,10 @@ class NoDigit(ValueError):
     """The image holds no ink that stands out from its background."""
 
 
-def load_image(source) -> Image.Image:
+def load_image(source, draft: int | None = None) -> Image.Image:
     """A PIL image from a path, a file object, raw bytes, a numpy array or a PIL image, whose file is in one of
-    FORMATS. Raises ValueError."""
+    FORMATS. Raises ValueError. With `draft`, a JPEG is decoded at 1/2, 1/4 or 1/8 of its size as long as both
+    sides stay at least `draft` pixels: a 12-megapixel photo in a fraction of the time and memory."""
     if isinstance(source, Image.Image):
         return source
     if isinstance(source, np.ndarray):
@@ -41,6 +42,8 @@ def load_image(source) -> Image.Image:
                 f"{image.width}x{image.height} pixels is more than the {MAX_PIXELS // 10**6}-megapixel "
                 f"limit; scale the image down"
             )
+        if draft and image.format in ("JPEG", "MPO"):  # MPO: a phone's JPEG that holds more pictures (depth, ...)
+            image.draft(image.mode, (draft, draft))
         image.load()
     except Image.DecompressionBombError:  # PIL's own, larger limit trips inside open() for the very largest
         raise ValueError(f"more than the {MAX_PIXELS // 10**6}-megapixel limit; scale the image down") from None
@@ -135,7 +138,8 @@ def prepare_digit(source) -> np.ndarray:
     colour, dark ink on light paper or light on dark. Raises ValueError with a short reason (NoDigit
     when no ink stands out), for one line per file in predict.py.
     """
-    image = load_image(source)
+    # a JPEG decoded at no less than twice the working size: the LANCZOS resize below still does the smoothing
+    image = load_image(source, draft=2 * WORK_SIZE)
     if max(image.size) > WORK_SIZE:
         image = image.copy()
         image.thumbnail((WORK_SIZE, WORK_SIZE), Image.Resampling.LANCZOS)

@@ -16,12 +16,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, JpegImagePlugin
 
 import demo
 import predict as predict_cli
 from conftest import ROOT, call_main, one_line_error, run_cli
-from digits import MAX_PIXELS, prepare_digit
+from digits import MAX_PIXELS, WORK_SIZE, load_image, prepare_digit
 from model import load_checkpoint, predict
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -155,6 +155,21 @@ def test_every_documented_format_is_read(client):
         pad.save(buffer, format=name)
         response = post(client, buffer.getvalue(), name=f"pad.{name.lower()}")
         assert response.status_code == 200 and response.json()["digit"] == expected, (name, response.text)
+
+
+def test_phone_sized_jpeg_is_decoded_small_with_the_same_digit(monkeypatch):
+    """prepare_digit decodes a 12-megapixel JPEG in draft mode, at 1/4 scale (1000x750, still over twice its working
+    size), and makes the digit that full decoding makes, to within a few grey levels."""
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(pad_png("7", transparent=False))).convert("RGB").resize((4000, 3000)).save(buffer, "JPEG")
+    photo = buffer.getvalue()
+    assert load_image(photo, draft=2 * WORK_SIZE).size == (1000, 750)
+    assert load_image(photo).size == (4000, 3000)
+    full = prepare_digit(load_image(photo)).astype(int)  # a decoded image: nothing left to draft
+    sizes, draft = [], JpegImagePlugin.JpegImageFile.draft
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", lambda *a: sizes.append(a[2]) or draft(*a))
+    assert np.abs(prepare_digit(photo).astype(int) - full).mean() < 3
+    assert sizes == [(2 * WORK_SIZE, 2 * WORK_SIZE)]
 
 
 # An EPS that draws one vertical stroke: Pillow hands it to Ghostscript, a PostScript interpreter, to render.
