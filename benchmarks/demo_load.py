@@ -110,7 +110,7 @@ def memory(checkpoint: Path) -> None:
     """Peak RSS of the real server before and after UPLOADS phone photos sent at once, and the statuses."""
     photo = phone_photo()
     with (
-        serve(checkpoint) as url,
+        serve(checkpoint, timeout=300) as url,  # a start on a busy machine may take minutes
         httpx.Client(base_url=url, timeout=600, limits=httpx.Limits(max_connections=UPLOADS)) as http,
         ThreadPoolExecutor(UPLOADS) as pool,
     ):

@@ -14,7 +14,7 @@ import pytest
 from conftest import kill_all, start, stderr_of, wait_for_line
 from test_demo import pad_png
 
-BODIES, QUEUE, SECONDS = 2, 2, 3  # the server's limits here: few slots and a short deadline keep the tests short
+BODIES, QUEUE, SECONDS = 2, 2, 5  # the server's limits here: few slots and a short deadline keep the tests short
 TIMEOUT = 30  # on every socket: a server that stops answering fails the test, not the whole run
 LIMIT = 10 * 2**20  # demo.MAX_BYTES, which the server keeps here
 BOUNDARY = b"imageboundary"
@@ -226,7 +226,7 @@ def test_requests_past_the_held_bodies_wait_unread_and_past_the_queue_get_503(se
     try:
         for sock in received:  # half a body each, which the server reads: it holds them
             sending = send_in_background(sock, [request[:half]])
-            deadline = time.monotonic() + SECONDS / 2
+            deadline = time.monotonic() + SECONDS / 2  # then the server would cut it off
             while (sending["thread"].is_alive() or unread(server, sock)) and time.monotonic() < deadline:
                 time.sleep(0.01)
             assert unread(server, sock) == 0, "the server did not read a body while it held fewer than BODIES"
