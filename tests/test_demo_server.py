@@ -167,6 +167,18 @@ def test_body_over_the_limit_is_cut_off_where_it_arrives(server, framing):
     assert post(server, pad_png())[0] == 200
 
 
+def test_photo_over_the_limit_with_its_length_gets_the_413_not_a_reset(server):
+    """A 12 MB upload with an honest Content-Length gets 413 at once, and the server reads the rest and drops it, so
+    the sender finishes and sees the answer rather than a reset connection (a browser would show the reset)."""
+    body = form(b"\0" * 12 * 2**20)
+    with connect(server) as sock:
+        sending = send_in_background(sock, [head(f"Content-Length: {len(body)}"), body])
+        status, text = answer(sock)
+        sending["thread"].join(timeout=TIMEOUT)
+    assert status == 413 and b"10 MB limit" in text, (status, text)
+    assert sending["error"] is None and sending["sent"] > len(body), sending
+
+
 def test_chunked_upload_under_the_limit_is_classified(server):
     """A chunked upload (no Content-Length) under the limit is read, counted, and answered like any other."""
     with connect(server) as sock:
