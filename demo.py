@@ -9,9 +9,11 @@ multipart field `image`. Every image goes through the one path predict.py uses: 
 then model.predict. The answer is {"digit", "confidence", "probabilities", "prepared"}, where
 `prepared` is the 28x28 digit the network saw, as a PNG data URL. Bad input gets a 4xx with
 {"error": "<one line>"}, a failure of the server's own gets a 500 of the same shape (its traceback goes
-to stderr), and the server goes on serving.
+to stderr), and the server goes on serving. The limits (body size, time to send it, bodies held at once,
+requests waiting) are the constants below; docs/demo.md says why each is what it is.
 """
 
+import argparse
 import base64
 import contextlib
 import io
@@ -30,6 +32,8 @@ from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
 
 from config import Config, Parser, UserError
 from digits import NoDigit, prepare_digit
@@ -37,14 +41,58 @@ from model import load_checkpoint, predict
 from rundir import latest_checkpoint
 
 STATIC = Path(__file__).resolve().parent / "static"
-MAX_BYTES = 10 * 2**20  # a phone photo is 2-8 MB; a larger body is refused by its length, before it is read
-# Images decoded at once. One is up to digits.MAX_PIXELS (64 MP: ~256 MB as RGBA, plus copies), and the server
-# takes up to 40 requests at a time; more decodes than cores only share the cores and multiply the memory.
-WORKERS = os.cpu_count() or 1
+MAX_BYTES = 10 * 2**20  # a phone photo is 2-8 MB; reading stops at this many bytes of body, whatever the headers say
+QUEUE = 100  # requests that may wait for a turn to send their body; past that, 503 (docs/demo.md says why 100)
+BODY_SECONDS = 30  # the whole body must arrive within this: 10 MB needs 2.8 Mbit/s; a trickle is cut off
+DRAIN_BYTES = 4 * MAX_BYTES  # read and dropped after a refusal (see refuse), so that the client sees the answer
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity: taskset, a container's cpuset), not all the machine has."""
+    if hasattr(os, "process_cpu_count"):  # Python 3.13+
+        return os.process_cpu_count() or 1
+    if hasattr(os, "sched_getaffinity"):  # Linux
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
+
+
+# Images decoded at once. One is up to digits.MAX_PIXELS (64 MP: ~256 MB as RGBA, plus copies); more decodes
+# than cores only share the cores and multiply the memory.
+WORKERS = usable_cpus()
+# Requests that may hold a body at once: being received, waiting for a worker or being decoded. Each holds at
+# most MAX_BYTES (1 MB of it in memory, the rest in a temporary file), so this bounds the memory; 4 per worker
+# keep the workers fed while others upload. The rest wait unread (QUEUE).
+BODIES = 4 * WORKERS
+
+
+class TooLarge(Exception):
+    """More than the limit of body bytes has arrived."""
 
 
 def error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
+
+
+def refuse(request: Request, status: int, message: str, drain: bool = True) -> JSONResponse:
+    """An error sent before the body was read to its end. A body that a Content-Length says ends within
+    DRAIN_BYTES is read on and dropped by uvicorn after the answer, so that a client still sending gets the
+    answer, not a reset connection; the connection of any other (chunked, longer, too slow) is closed."""
+    length = request.headers.get("content-length", "")
+    chunked = "transfer-encoding" in request.headers
+    if drain and not chunked and length.isdigit() and int(length) <= DRAIN_BYTES:
+        return error(status, message)
+    return JSONResponse({"error": message}, status_code=status, headers={"Connection": "close"})
+
+
+async def counted(chunks, limit: int):
+    """The body's chunks as they arrive; raises TooLarge as soon as more than `limit` bytes have come, so at
+    most the limit plus one chunk is ever read, whatever Content-Length or Transfer-Encoding claimed."""
+    received = 0
+    async for chunk in chunks:
+        received += len(chunk)
+        if received > limit:
+            raise TooLarge
+        yield chunk
 
 
 def data_url(digit) -> str:
@@ -54,47 +102,81 @@ def data_url(digit) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def classify(model, data: bytes) -> dict:
-    """The answer for one encoded image. Raises ValueError (NoDigit when no ink stands out)."""
-    digit = prepare_digit(data)
+def classify(model, image) -> dict:
+    """The answer for one encoded image (bytes or a file object). Raises ValueError (NoDigit when no ink stands out)."""
+    digit = prepare_digit(image)
     # Many threads may run this at once: an eval-mode forward under inference_mode only reads the weights.
     probs = predict(model, digit, prepare=False)[1][0].tolist()
     best = max(range(10), key=probs.__getitem__)
     return {"digit": best, "confidence": probs[best], "probabilities": probs, "prepared": data_url(digit)}
 
 
-def create_app(model, max_bytes: int = MAX_BYTES):
+def create_app(
+    model, max_bytes: int = MAX_BYTES, bodies: int = BODIES, queue: int = QUEUE, body_seconds: float = BODY_SECONDS
+):
     """The web app around one model in eval mode: the page at /, the classifier at POST /predict."""
     app = FastAPI(title="MNIST demo", docs_url=None, redoc_url=None, openapi_url=None)
-    limiter = anyio.CapacityLimiter(WORKERS)  # the other requests wait here, their bodies read but not decoded
+    holding = anyio.CapacityLimiter(bodies)  # a request waits here before its body is read
+    workers = anyio.CapacityLimiter(WORKERS)  # and here, its body read, before it is decoded
+    too_large = f"the request is over the {max_bytes // 2**20} MB limit; send a smaller image"
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException):  # the router's own 404 and 405: JSON like ours
+        message = f"{e.detail}: {request.method} {request.url.path}; the page is GET /, an image goes to POST /predict"
+        return JSONResponse({"error": message}, status_code=e.status_code, headers=e.headers)
 
     @app.post("/predict")
     async def predict_endpoint(request: Request):
         length = request.headers.get("content-length")
-        if length is None:
-            return error(411, "send the image with a Content-Length, as a multipart form field named image")
-        if not length.isdigit() or int(length) > max_bytes:
-            return error(413, f"the request is over the {max_bytes // 2**20} MB limit; send a smaller image")
-        try:
-            async with request.form(max_files=1, max_fields=10) as form:  # closes the uploaded file's spool
+        if length is not None and (not length.isdigit() or int(length) > max_bytes):  # saves reading the start
+            return refuse(request, 413, too_large)
+        if request.headers.get("content-type", "").split(";")[0].strip().lower() != "multipart/form-data":
+            return refuse(request, 400, "no image: send the picture as the multipart form field named image")
+        if holding.statistics().tasks_waiting >= queue:
+            return refuse(request, 503, f"the server is busy ({queue} requests are waiting); try again in a moment")
+        async with holding:  # until here the body is unread: it waits in the kernel's buffers, not in this process
+            try:
+                with anyio.fail_after(body_seconds):
+                    body = counted(request.stream(), max_bytes)
+                    # the image goes to a spooled file: up to 1 MB in memory, the rest in the temporary folder
+                    form = await MultiPartParser(request.headers, body, max_files=1, max_fields=10).parse()
+            except TooLarge:
+                return refuse(request, 413, too_large)
+            except TimeoutError:
+                return refuse(
+                    request, 408, f"the image did not arrive within {body_seconds:g} s; try again", drain=False
+                )
+            except MultiPartException as e:  # a broken multipart body, or more than one file
+                return refuse(
+                    request, 400, f"{e.message}; send the image as multipart/form-data with a field named image"
+                )
+            except ClientDisconnect:  # the client is gone: nobody reads the answer
+                return refuse(request, 400, "the upload was cut off", drain=False)
+            try:
                 image = form.get("image")
                 if not isinstance(image, UploadFile):
                     return error(400, "no image: send the picture as the multipart form field named image")
-                data = await image.read()
-        except HTTPException as e:  # a broken multipart body, or more than one file
-            return error(400, f"{e.detail}; send the image as multipart/form-data with a field named image")
-        try:  # prepare_digit is CPU work: off the event loop, so other requests are served meanwhile
-            return await anyio.to_thread.run_sync(classify, model, data, limiter=limiter)
-        except NoDigit as e:
-            return error(422, str(e))
-        except ValueError as e:
-            return error(415, f"not a usable image: {e}")
-        except Exception as e:  # a bug or a decoder's surprise: still JSON, so the page can show it, and logged
-            traceback.print_exc(file=sys.stderr)
-            return error(500, f"the server failed on this image ({type(e).__name__}); try another image")
+                # prepare_digit is CPU work: off the event loop, so other requests are served meanwhile
+                return await anyio.to_thread.run_sync(classify, model, image.file, limiter=workers)
+            except NoDigit as e:
+                return error(422, str(e))
+            except ValueError as e:
+                return error(415, f"not a usable image: {e}")
+            except Exception as e:  # a bug or a decoder's surprise: still JSON, so the page can show it, and logged
+                traceback.print_exc(file=sys.stderr)
+                return error(500, f"the server failed on this image ({type(e).__name__}); try another image")
+            finally:
+                await form.close()  # the uploaded file's spool
 
     app.mount("/", StaticFiles(directory=STATIC, html=True), name="static")
     return app
+
+
+def port(text: str) -> int:
+    """--port's type: a TCP port, 0 to 65535."""
+    if not (text.isdigit() and int(text) <= 65535):
+        raise argparse.ArgumentTypeError(f"{text} is not a port; pass a number from 1 to 65535, or 0 for any free one")
+    return int(text)
 
 
 def parse_args(argv):
@@ -105,7 +187,7 @@ def parse_args(argv):
         default="127.0.0.1",
         help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every network)",
     )
-    parser.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0: any free port)")
+    parser.add_argument("--port", type=port, default=8000, help="port to listen on (default 8000; 0: any free port)")
     return parser.parse_args(argv)
 
 

@@ -33,7 +33,7 @@ def describe(path: str, probs: list[float]) -> str:
 
 def parse_args(argv):
     parser = Parser(description=__doc__.splitlines()[0], allow_abbrev=False)
-    parser.add_argument("images", nargs="+", help="image files: JPEG, PNG or anything PIL reads, any size")
+    parser.add_argument("images", nargs="+", help="image files: PNG, JPEG, WebP, GIF, BMP or TIFF, any size")
     parser.add_argument("--checkpoint", type=Path, help="a best.pt or last.pt (default: the latest run's best.pt)")
     parser.add_argument(
         "--json",

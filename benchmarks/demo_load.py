@@ -1,7 +1,9 @@
-"""Time per POST /predict of the demo server, one request at a time and 40 at once. Run by hand:
+"""Time per POST /predict of the demo server, one request at a time and 40 at once; its memory under 100 large
+uploads at once. Run by hand:
 
     python benchmarks/demo_load.py                          # the latest run's best.pt
     python benchmarks/demo_load.py --checkpoint runs/cnn/best.pt --rounds 5
+    python benchmarks/demo_load.py --checkpoint runs/cnn/best.pt --memory
 
 It starts `python demo.py` on a free port, as a user would, and posts what the page's pad sends:
 a 280x280 PNG of dark strokes on a transparent canvas. It prints the median time per request
@@ -9,9 +11,14 @@ alone, and with 40 requests sent at once: the median a request waits for its ans
 time of the 40 divided by 40. Each figure is a median over rounds. On a shared machine wall times
 follow the other load (the scheduler shares the CPU per thread, so 40 busy threads get more of it
 than one), so it also prints the CPU time of demo.classify, the work behind one request, in-process.
+
+With --memory it sends 100 phone photos of about 9 MB at once instead (a 12-megapixel JPEG of a digit, with
+sensor noise so that it stays large) and prints the server's peak resident memory (VmHWM, from /proc) before
+and after them, and how the 100 were answered.
 """
 
 import argparse
+import collections
 import io
 import platform
 import statistics
@@ -26,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import httpx
+import numpy as np
 from demo_browser import serve
 from PIL import Image, ImageDraw
 
@@ -35,6 +43,7 @@ from model import load_checkpoint
 from rundir import latest_checkpoint
 
 CONCURRENT = 40
+UPLOADS = 100  # phone photos sent at once by --memory
 
 
 def pad_png() -> bytes:
@@ -67,13 +76,75 @@ def timed_post(http: httpx.Client, data: bytes) -> float:
     return seconds
 
 
+def phone_photo(megabytes: float = 9) -> bytes:
+    """A 4000x3000 JPEG of a dark 7 on grey paper with colour noise, at the highest quality that stays under
+    `megabytes`: the size of a phone photo, decodable, and a digit to find."""
+    rng = np.random.default_rng(0)
+    paper = Image.new("L", (4000, 3000), 200)
+    ImageDraw.Draw(paper).line([(1500, 800), (2500, 800), (1800, 2300)], fill=40, width=180)
+    pixels = np.asarray(paper, dtype=np.float32)[..., None] + rng.normal(0, 20, (3000, 4000, 3))
+    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    for quality in range(97, 50, -1):
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=quality)
+        if buffer.tell() <= megabytes * 2**20:
+            return buffer.getvalue()
+    raise AssertionError("no quality gives a small enough photo")
+
+
+def server_pid() -> int:
+    """The PID of the one child process this script runs: the demo server that serve() started."""
+    pids = [int(pid) for task in Path("/proc/self/task").iterdir() for pid in (task / "children").read_text().split()]
+    if len(pids) != 1:
+        raise RuntimeError(f"expected one child process (the server), found {pids}")
+    return pids[0]
+
+
+def peak_rss_mb(pid: int) -> float:
+    """A process's peak resident memory so far (VmHWM), in MB."""
+    line = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("VmHWM"))
+    return int(line.split()[1]) / 1024
+
+
+def memory(checkpoint: Path) -> None:
+    """Peak RSS of the real server before and after UPLOADS phone photos sent at once, and the statuses."""
+    photo = phone_photo()
+    with (
+        serve(checkpoint, timeout=300) as url,  # a start on a busy machine may take minutes
+        httpx.Client(base_url=url, timeout=600, limits=httpx.Limits(max_connections=UPLOADS)) as http,
+        ThreadPoolExecutor(UPLOADS) as pool,
+    ):
+        timed_post(http, pad_png())  # warm-up: lazy imports, the model's first forward pass
+        pid = server_pid()
+        idle = peak_rss_mb(pid)
+        barrier = threading.Barrier(UPLOADS)
+
+        def one(_):
+            barrier.wait()
+            return http.post("/predict", files={"image": ("photo.jpg", photo, "image/jpeg")}).status_code
+
+        start = time.perf_counter()
+        statuses = collections.Counter(pool.map(one, range(UPLOADS)))
+        seconds = time.perf_counter() - start
+        loaded = peak_rss_mb(pid)
+    print(f"CPU: {cpu_name()}")
+    print(
+        f"{UPLOADS} uploads of a {len(photo) / 2**20:.1f} MB 4000x3000 JPEG at once: answered "
+        f"{', '.join(f'{n} x {status}' for status, n in sorted(statuses.items()))} in {seconds:.0f} s"
+    )
+    print(f"server's peak RSS: {idle:.0f} MB after one small request, {loaded:.0f} MB after the uploads")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, help="a best.pt (default: the latest run's best.pt)")
     parser.add_argument("--rounds", type=int, default=5, help="rounds of 20 single and 40 concurrent requests")
+    parser.add_argument("--memory", action="store_true", help=f"the peak RSS under {UPLOADS} 9 MB uploads instead")
     args = parser.parse_args()
     data = pad_png()
     checkpoint = args.checkpoint or latest_checkpoint(Config().out_dir)
+    if args.memory:
+        return memory(checkpoint)
     import torch
 
     torch.set_num_threads(1)  # as demo.py serves

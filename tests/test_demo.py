@@ -4,6 +4,7 @@ import asyncio
 import base64
 import io
 import json
+import os
 import shutil
 import socket
 import struct
@@ -15,12 +16,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, JpegImagePlugin
 
 import demo
 import predict as predict_cli
-from conftest import ROOT, call_main, run_cli
-from digits import MAX_PIXELS, prepare_digit
+from conftest import ROOT, call_main, one_line_error, run_cli
+from digits import MAX_PIXELS, WORK_SIZE, load_image, prepare_digit
 from model import load_checkpoint, predict
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -145,6 +146,57 @@ def test_not_an_image(client):
     assert_error(post(client, b"hello, not a picture", name="notes.txt"), 415, "not")
 
 
+def test_every_documented_format_is_read(client):
+    """The pad's drawing saved in each format that docs/demo.md and predict.py's help name gets the PNG's answer."""
+    pad = Image.open(io.BytesIO(pad_png("7", transparent=False))).convert("RGB")
+    expected = post(client, pad_png("7", transparent=False)).json()["digit"]
+    for name in ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"):
+        buffer = io.BytesIO()
+        pad.save(buffer, format=name)
+        response = post(client, buffer.getvalue(), name=f"pad.{name.lower()}")
+        assert response.status_code == 200 and response.json()["digit"] == expected, (name, response.text)
+
+
+def test_phone_sized_jpeg_is_decoded_small_with_the_same_digit(monkeypatch):
+    """prepare_digit decodes a 12-megapixel JPEG in draft mode, at 1/4 scale (1000x750, still over twice its working
+    size), and makes the digit that full decoding makes, to within a few grey levels."""
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(pad_png("7", transparent=False))).convert("RGB").resize((4000, 3000)).save(buffer, "JPEG")
+    photo = buffer.getvalue()
+    assert load_image(photo, draft=2 * WORK_SIZE).size == (1000, 750)
+    assert load_image(photo).size == (4000, 3000)
+    full = prepare_digit(load_image(photo)).astype(int)  # a decoded image: nothing left to draft
+    sizes, draft = [], JpegImagePlugin.JpegImageFile.draft
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", lambda *a: sizes.append(a[2]) or draft(*a))
+    assert np.abs(prepare_digit(photo).astype(int) - full).mean() < 3
+    assert sizes == [(2 * WORK_SIZE, 2 * WORK_SIZE)]
+
+
+# An EPS that draws one vertical stroke: Pillow hands it to Ghostscript, a PostScript interpreter, to render.
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 100 100\nnewpath 50 10 moveto 50 90 lineto 10 setlinewidth stroke\n"
+
+
+@pytest.mark.skipif(not shutil.which("gs"), reason="no Ghostscript (gs): Pillow cannot render an EPS here anyway")
+def test_postscript_never_reaches_ghostscript(client, capsys, trained_run, tmp_path):
+    """An EPS, which Pillow would render with Ghostscript here, gets 415 from the server and one error line from
+    predict.py naming the formats that are read: only the raster formats in digits.FORMATS are opened."""
+    assert Image.open(io.BytesIO(EPS)).convert("L").getextrema()[0] < 128  # the hole is real: gs draws the stroke
+    assert_error(post(client, EPS, name="one.eps"), 415, "PNG, JPEG")
+    path = tmp_path / "one.eps"
+    path.write_bytes(EPS)
+    result = call_main(capsys, predict_cli.main, [path, "--checkpoint", trained_run / "best.pt"])
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [f"error: {path}: not a PNG, JPEG, WEBP, GIF, BMP or TIFF image"]
+
+
+def test_other_paths_and_methods_get_json_errors(client):
+    """GET /predict, PUT /predict, an unknown page and POST / get their 404 or 405 as {"error": "<one line>"}, like
+    every other error, saying where the page and the endpoint are."""
+    for method, path, status in (("GET", "/predict", 404), ("PUT", "/predict", 405), ("GET", "/nope", 404)):
+        assert_error(client.request(method, path), status, f"{method} {path}", "POST /predict")
+    assert_error(client.post("/"), 405, "POST /")
+
+
 def test_image_with_no_ink(client):
     """A blank pad gets 422: no digit found."""
     buffer = io.BytesIO()
@@ -169,10 +221,11 @@ def test_unexpected_failure_is_a_json_500_and_serving_goes_on(model, monkeypatch
     request is answered as usual."""
     real = demo.classify
 
-    def broken(model, data):
-        if data == b"boom":
+    def broken(model, image):  # image: the uploaded file
+        if image.read() == b"boom":
             raise RuntimeError("a decoder's surprise")
-        return real(model, data)
+        image.seek(0)
+        return real(model, image)
 
     monkeypatch.setattr(demo, "classify", broken)
     with TestClient(demo.create_app(model)) as fresh:
@@ -220,13 +273,21 @@ def test_body_over_the_size_limit(model):
         assert_error(post(small, data + b"\0" * 2000), 413, "limit")
 
 
+FORM = {"content-type": "multipart/form-data; boundary=x"}
+
+
 def asgi_call(app, headers: dict) -> tuple[int, dict, int]:
     """POST /predict straight to the ASGI app; return (status, JSON body, how many times it asked for the body)."""
     reads, sent = [], []
 
-    async def receive():
+    async def receive():  # an endless body: a file part that never ends
         reads.append(1)
-        return {"type": "http.request", "body": b"x" * 1024, "more_body": True}  # an endless body
+        chunk = (
+            b'--x\r\nContent-Disposition: form-data; name="image"; filename="a"\r\n\r\n'
+            if len(reads) == 1
+            else b"x" * 1024
+        )
+        return {"type": "http.request", "body": chunk, "more_body": True}
 
     async def send(message):
         sent.append(message)
@@ -251,13 +312,16 @@ def asgi_call(app, headers: dict) -> tuple[int, dict, int]:
 
 
 def test_oversized_body_is_refused_before_it_is_read(model):
-    """A request announcing 1 GB is refused with 413 without reading any of its body; no length at all gets 411."""
-    app = demo.create_app(model)
-    form = {"content-type": "multipart/form-data; boundary=x"}
-    status, body, reads = asgi_call(app, {**form, "content-length": str(2**30)})
+    """A request announcing 1 GB is refused with 413 without reading any of its body."""
+    status, body, reads = asgi_call(demo.create_app(model), {**FORM, "content-length": str(2**30)})
     assert (status, reads) == (413, 0) and "limit" in body["error"]
-    status, body, reads = asgi_call(app, form)
-    assert (status, reads) == (411, 0) and "Content-Length" in body["error"]
+
+
+def test_body_without_length_is_counted_and_cut_off_at_the_limit(model):
+    """An endless body with no Content-Length gets 413 once more than the limit has come: at most the limit plus one
+    chunk is read (tests/test_demo_server.py sends such bodies to the real server)."""
+    status, body, reads = asgi_call(demo.create_app(model, max_bytes=10 * 1024), FORM)
+    assert (status, reads) == (413, 11) and "limit" in body["error"]
 
 
 def test_pixel_bomb_is_refused_from_its_header(client):
@@ -323,6 +387,26 @@ def test_default_checkpoint_is_the_latest_runs_best(trained_run, tmp_path):
     model = load_checkpoint(trained_run / "best.pt")[0]
     expected = predict(model, prepare_digit(pad_png()), prepare=False)[1][0]
     assert np.allclose(served["probabilities"], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("port", ["70000", "-1", "http"])
+def test_port_out_of_range_is_one_error_line(capsys, port):
+    """--port outside 0-65535, or not a number: exit 2 with one `error:` line naming --port, not a traceback."""
+    result = call_main(capsys, demo.main, ["--port", port])
+    line = one_line_error(result)
+    assert "--port" in line and port in line and "65535" in line
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2 if hasattr(os, "sched_getaffinity") else True, reason="one CPU")
+def test_workers_are_the_cpus_this_process_may_use():
+    """demo.WORKERS counts the CPUs the process may run on (taskset, a container's cpuset), not the machine's."""
+    allowed = os.sched_getaffinity(0)
+    assert demo.WORKERS == demo.usable_cpus() == len(allowed)
+    try:
+        os.sched_setaffinity(0, {min(allowed)})  # this thread only, as `taskset -c 0` would start the process
+        assert demo.usable_cpus() == 1
+    finally:
+        os.sched_setaffinity(0, allowed)
 
 
 def test_missing_checkpoint_is_one_error_line(tmp_path):

@@ -143,7 +143,7 @@ def test_cli_prints_one_line_per_image_and_goes_on_after_bad_files(photos, train
     assert all(line.split(": ")[1][0].isdigit() and "%)" in line for line in lines)
     errors = result.stderr.splitlines()
     assert errors == [
-        f"error: {photos['notes.txt']}: not an image PIL can read (JPEG, PNG, ...)",
+        f"error: {photos['notes.txt']}: not a PNG, JPEG, WEBP, GIF, BMP or TIFF image",
         f"error: {photos['blank.png']}: no digit found: nothing stands out from the background",
         f"error: {photos['missing.png']}: no such file",
     ]
