@@ -122,13 +122,16 @@ def find_run(out_dir, run_name: str) -> Path:
     return path
 
 
-def remove_if_unused(run_dir: Path) -> None:
-    """Delete a fresh run's folder if the run saved nothing in it (it failed at once, say). Call it holding the lock."""
+def remove_if_unused(run_dir: Path) -> bool:
+    """Delete a fresh run's folder if the run saved nothing in it (it failed at once, say); say whether it did.
+    Call it holding the lock."""
     if run_dir.is_dir() and not any((run_dir / name).exists() for name in RUN_FILES):
         with contextlib.suppress(OSError):  # Windows keeps a held lock file; a folder with a user's file stays
             for path in [*run_dir.glob("events.out.tfevents.*"), run_dir / JOB, run_dir / OWNER, run_dir / LOCK]:
                 path.unlink(missing_ok=True)
             run_dir.rmdir()
+            return True
+    return False
 
 
 def mark_job(run_dir: Path, job_id: str) -> None:

@@ -178,8 +178,11 @@ def run(cfg: Config, saved: dict | None = None, stop_requested=lambda: False) ->
             else:
                 run_dir = own or rundir.new_run_dir(cfg.out_dir, cfg.run_name, cfg.model)
             held.enter_context(rundir.locked(run_dir))
-            if not saved:  # a run that fails before its first save leaves no folder behind
-                held.callback(rundir.remove_if_unused, run_dir)
+            print(f"run folder: {run_dir}")  # said once the folder is this run's
+            if not saved:  # a run that fails before its first save leaves no folder behind, and says so
+                held.callback(
+                    lambda: rundir.remove_if_unused(run_dir) and print(f"run folder {run_dir} removed: the run saved nothing")
+                )
             rundir.mark_job(run_dir, distributed.job_id())  # where torchrun's restarts of this job continue
             return run_dir
 
@@ -208,7 +211,6 @@ def setup(cfg: Config, run_dir: Path, device: torch.device, saved: dict | None, 
             f"among them; pass a --batch-size that {world} divides"
         )
     print0("config: " + " ".join(f"{k}={v}" for k, v in asdict(cfg).items()))
-    print0(f"run folder: {run_dir}")
     print0(f"device: {device}, {world} process{'es' if world > 1 else ''} x {torch.get_num_threads()} threads")
     torch.manual_seed(cfg.seed)  # the weight initialisation; nothing draws from the global RNG after it
 
