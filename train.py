@@ -101,6 +101,7 @@ def main(argv=None) -> int:
             return run(cfg, saved, stop_requested)
     except UserError as e:
         print0(f"error: {e}", file=sys.stderr)
+        distributed.report_error(f"error: {e}")  # under torchrun, also in its failure report
         return 1 if isinstance(e, Diverged) else 2
     except KeyboardInterrupt:
         print0("interrupted before anything new was saved", file=sys.stderr)
@@ -110,7 +111,9 @@ def main(argv=None) -> int:
             raise
         # Another process died or hung. torchrun names it, and restarts the group if --max-restarts allows.
         reason = " ".join(str(e).split())[:160]
-        print(f"error: process {distributed.rank()} lost the other processes of this run ({reason})", file=sys.stderr)
+        line = f"error: process {distributed.rank()} lost the other processes of this run ({reason})"
+        print(line, file=sys.stderr)
+        distributed.report_error(line)
         return 1
 
 
@@ -181,7 +184,10 @@ def run(cfg: Config, saved: dict | None = None, stop_requested=lambda: False) ->
             print(f"run folder: {run_dir}")  # said once the folder is this run's
             if not saved:  # a run that fails before its first save leaves no folder behind, and says so
                 held.callback(
-                    lambda: rundir.remove_if_unused(run_dir) and print(f"run folder {run_dir} removed: the run saved nothing")
+                    lambda: (
+                        rundir.remove_if_unused(run_dir)
+                        and print(f"run folder {run_dir} removed: the run saved nothing")
+                    )
                 )
             rundir.mark_job(run_dir, distributed.job_id())  # where torchrun's restarts of this job continue
             return run_dir
