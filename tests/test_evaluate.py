@@ -160,7 +160,8 @@ def test_figures_folder_that_cannot_be_made(trained_run, mnist_dir, tmp_path, ru
     """An --out-dir inside a file is reported in one line; the evaluation itself is not lost from the output."""
     (tmp_path / "file").write_text("")
     result = run_evaluate(trained_run / "best.pt", "--data-dir", mnist_dir, "--out-dir", tmp_path / "file" / "figs")
-    assert "cannot write figures to" in one_line_error(result)
+    using, line = result.stderr.splitlines()  # the checkpoint it evaluated, then the one error
+    assert result.returncode == 2 and using.startswith("using ") and line.startswith("error: cannot write figures to")
     assert "accuracy" in result.stdout
 
 
