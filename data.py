@@ -132,6 +132,18 @@ def find_files(root: Path) -> tuple[dict[str, Path] | None, list[str]]:
     return None, partial
 
 
+def _existing(root: Path) -> set[Path]:
+    """Every path under root (and root itself) that exists now."""
+    return {root, *root.rglob("*")} if root.exists() else set()
+
+
+def _remove_new(root: Path, before: set[Path]) -> None:
+    """Remove what appeared under root since `before` was taken: a failed download's files and empty folders."""
+    for path in sorted(_existing(root) - before, key=lambda p: len(p.parts), reverse=True):  # contents first
+        with contextlib.suppress(OSError):
+            path.rmdir() if path.is_dir() else path.unlink()
+
+
 def load_split(data_dir: str, train: bool, download: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Read one MNIST file pair from any layout under data_dir, downloading the files with torchvision first if no
     layout holds all four and download is allowed. Returns uint8 images and int64 labels. The files are read here
@@ -152,15 +164,17 @@ def load_split(data_dir: str, train: bool, download: bool) -> tuple[torch.Tensor
         import torchvision  # only to download
 
         print(f"downloading MNIST into {raw}{found}")
+        before = _existing(root)
         try:
             with contextlib.redirect_stdout(io.StringIO()):  # torchvision prints a line per mirror tried
                 torchvision.datasets.MNIST(root, train=train, download=True)
         except (RuntimeError, OSError) as e:
+            _remove_new(root, before)  # a failed download leaves the data dir as it found it
             # torchvision lists every mirror it tried; its last line holds the last mirror's reason.
             reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
             raise UserError(
-                f"could not download MNIST into {raw} ({reason}); check the network, "
-                f"or copy the four IDX files (plain or .gz) there or into {root}"
+                f"could not download MNIST into {raw} ({reason}); if you have the four IDX files (plain or .gz), "
+                f"pass --data-dir with the folder that holds them, or copy them into {raw}; else check the network"
             ) from None
         files, _ = find_files(root)
     images_name, labels_name = RAW_FILES["train" if train else "test"]
