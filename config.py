@@ -140,6 +140,14 @@ def check(cfg: Config) -> Config:
             raise UserError(f"{where} must be <= {meta['high']}, got {value!r}")
     if cfg.device != "auto":
         check_device_type(cfg.device)
+    if cfg.run_name and (
+        cfg.run_name in (".", "..") or cfg.run_name != cfg.run_name.strip() or set("/\\\0") & set(cfg.run_name)
+    ):
+        # The run folder is out_dir/run_name: a path here would write outside out_dir, or into a folder not made yet.
+        raise UserError(
+            f"run_name (--run-name) must be one folder name, such as exp1: no / or \\, not . or .., no spaces "
+            f"at either end; got {cfg.run_name!r} (the folder goes in --out-dir)"
+        )
     if cfg.nesterov and cfg.momentum == 0:
         raise UserError("nesterov needs momentum > 0: pass --momentum 0.9 or --no-nesterov")
     return cfg

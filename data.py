@@ -14,6 +14,7 @@ import shutil
 import zlib
 from pathlib import Path
 
+import filelock
 import numpy as np
 import torch
 from torch.utils.data import Dataset
@@ -30,6 +31,7 @@ RAW_FILES = {
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 ALL_FILES = [name for names in RAW_FILES.values() for name in names]
+DOWNLOAD_LOCK = ".mnist-download.lock"  # in the data folder, held while a process downloads into it
 IDX_IMAGES_MAGIC = 0x00000803  # unsigned bytes, 3 dimensions
 IDX_LABELS_MAGIC = 0x00000801  # unsigned bytes, 1 dimension
 
@@ -143,6 +145,41 @@ def _remove_new(root: Path, before: set[Path]) -> None:
             path.rmdir() if path.is_dir() else path.unlink()
 
 
+def download_files(root: Path, train: bool, found: str = "") -> None:
+    """Download MNIST into root/MNIST/raw with torchvision, unless another process did while this one waited.
+
+    torchrun's node_first leaves the download to one process per machine, but machines that share a file system
+    (a cluster's home folder) would still download into one folder at once, which corrupts the files. A lock file
+    in root lets one process download at a time; the others wait, then find its files and download nothing.
+    A failed download removes what it wrote, so no empty data/MNIST/raw/ is left to puzzle the next run."""
+    raw = root / "MNIST" / "raw"
+    before = _existing(root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        lock = filelock.FileLock(root / DOWNLOAD_LOCK)
+        try:
+            held = lock.acquire(timeout=0)
+        except filelock.Timeout:
+            print(f"waiting for another process that is downloading MNIST into {raw} (it holds {lock.lock_file})")
+            held = lock.acquire()
+        with held:
+            if find_files(root)[0] is not None:  # the process we waited for has downloaded them
+                return
+            import torchvision  # only to download
+
+            print(f"downloading MNIST into {raw}{found}")
+            with contextlib.redirect_stdout(io.StringIO()):  # torchvision prints a line per mirror tried
+                torchvision.datasets.MNIST(root, train=train, download=True)
+    except (RuntimeError, OSError) as e:
+        _remove_new(root, before)  # a failed download leaves the data dir as it found it
+        # torchvision lists every mirror it tried; its last line holds the last mirror's reason.
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"could not download MNIST into {raw} ({reason}); if you have the four IDX files (plain or .gz), "
+            f"pass --data-dir with the folder that holds them, or copy them into {raw}; else check the network"
+        ) from None
+
+
 def load_split(data_dir: str, train: bool, download: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Read one MNIST file pair from any layout under data_dir, downloading the files with torchvision first if no
     layout holds all four and download is allowed. Returns uint8 images and int64 labels. The files are read here
@@ -160,21 +197,7 @@ def load_split(data_dir: str, train: bool, download: bool) -> tuple[torch.Tensor
                 f"MNIST is not in {raw} or {root}{found}; drop --no-download to fetch it, "
                 f"or put the four IDX files (plain or .gz) in one of them"
             )
-        import torchvision  # only to download
-
-        print(f"downloading MNIST into {raw}{found}")
-        before = _existing(root)
-        try:
-            with contextlib.redirect_stdout(io.StringIO()):  # torchvision prints a line per mirror tried
-                torchvision.datasets.MNIST(root, train=train, download=True)
-        except (RuntimeError, OSError) as e:
-            _remove_new(root, before)  # a failed download leaves the data dir as it found it
-            # torchvision lists every mirror it tried; its last line holds the last mirror's reason.
-            reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-            raise UserError(
-                f"could not download MNIST into {raw} ({reason}); if you have the four IDX files (plain or .gz), "
-                f"pass --data-dir with the folder that holds them, or copy them into {raw}; else check the network"
-            ) from None
+        download_files(root, train, found)
         files, _ = find_files(root)
     images_name, labels_name = RAW_FILES["train" if train else "test"]
     images = read_idx(files[images_name], IDX_IMAGES_MAGIC)

@@ -38,7 +38,7 @@ from starlette.requests import ClientDisconnect
 from config import Config, Parser, UserError
 from digits import NoDigit, prepare_digit
 from model import load_checkpoint, predict
-from rundir import latest_checkpoint
+from rundir import describe_checkpoint, find_checkpoint
 
 STATIC = Path(__file__).resolve().parent / "static"
 MAX_BYTES = 10 * 2**20  # a phone photo is 2-8 MB; reading stops at this many bytes of body, whatever the headers say
@@ -181,7 +181,11 @@ def port(text: str) -> int:
 
 def parse_args(argv):
     parser = Parser(description=__doc__.splitlines()[0], allow_abbrev=False)
-    parser.add_argument("--checkpoint", type=Path, help="a best.pt or last.pt (default: the latest run's best.pt)")
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="a best.pt or last.pt, a run folder, or a run name in runs/ (default: the latest run's best.pt)",
+    )
     parser.add_argument(
         "--host",
         default="127.0.0.1",
@@ -214,11 +218,13 @@ def listen(host: str, port: int) -> socket.socket:
 def main(argv=None) -> int:
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
-        model, _ = load_checkpoint(args.checkpoint or latest_checkpoint(Config().out_dir))
+        checkpoint = find_checkpoint(args.checkpoint, Config().out_dir)
+        model, ckpt = load_checkpoint(checkpoint)
         sock = listen(args.host, args.port)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    print(describe_checkpoint(checkpoint, ckpt), file=sys.stderr, flush=True)
     # One image is far too small to split across cores: requests run side by side instead, one thread each.
     torch.set_num_threads(1)
     host, port = sock.getsockname()[:2]

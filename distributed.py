@@ -11,7 +11,9 @@ the process group's timeout, so a lost process ends the others with an error, no
 
 import contextlib
 import datetime
+import json
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -76,6 +78,16 @@ def print0(*args, **kwargs) -> None:
     """print, on rank 0 alone."""
     if is_main():
         print(*args, **kwargs)
+
+
+def report_error(line: str) -> None:
+    """Hand this process's one error line to torchrun, whose failure report then shows it as the process's
+    "traceback" instead of a link to its docs. torchrun names a file for each worker (TORCHELASTIC_ERROR_FILE)
+    and reads it in the format of torch.distributed.elastic's ErrorHandler; nothing happens without torchrun."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        with contextlib.suppress(OSError), open(path, "w") as f:  # the line is printed anyway: this is a courtesy
+            json.dump({"message": {"message": line, "extraInfo": {"timestamp": str(int(time.time()))}}}, f)
 
 
 def group_backend() -> str:

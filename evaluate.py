@@ -14,7 +14,7 @@ from config import Config, Parser, UserError
 from data import MNISTData, load_split
 from metrics import confusion_matrix, per_class, scores
 from model import count_parameters, load_checkpoint, model_logits
-from rundir import latest_checkpoint
+from rundir import describe_checkpoint, find_checkpoint
 
 
 def epochs_to(history: list[dict], accuracy: float) -> int | None:
@@ -70,9 +70,15 @@ def format_comparison(results: dict[str, dict]) -> str:
     def cell(value, fmt):
         return "-" if value is None else format(value, fmt)
 
-    header = f"{'run':<12} {'model':<6} {'params':>9} {'best ep':>8} {'ep to 98%':>9} {'val acc':>8} {'test acc':>8} {'s/epoch':>8}"
+    # The first two columns are as wide as their longest entry: run names are timestamps or whatever --run-name was.
+    run_w = max(len("run"), *(len(label) for label in results))
+    model_w = max(len("model"), *(len(r["name"]) for r in results.values()))
+    header = (
+        f"{'run':<{run_w}} {'model':<{model_w}} {'params':>9} {'best ep':>8} {'ep to 98%':>9} {'val acc':>8} "
+        f"{'test acc':>8} {'s/epoch':>8}"
+    )
     rows = [
-        f"{label:<12} {r['name']:<6} {r['parameters']:>9,} {cell(r['best_epoch'], 'd'):>8} "
+        f"{label:<{run_w}} {r['name']:<{model_w}} {r['parameters']:>9,} {cell(r['best_epoch'], 'd'):>8} "
         f"{cell(r['epochs_to_98'], 'd'):>9} {cell(r['val_acc'], '.2%'):>8} {r['test_acc']:>8.2%} "
         f"{cell(r['seconds_per_epoch'], '.1f'):>8}"
         for label, r in results.items()
@@ -113,7 +119,7 @@ def parse_args(argv):
         "checkpoints",
         nargs="*",
         type=Path,
-        help="best.pt or last.pt files written by train.py (default: the latest run's best.pt)",
+        help="best.pt or last.pt files, run folders, or run names in runs/ (default: the latest run's best.pt)",
     )
     parser.add_argument(
         "--data-dir",
@@ -142,12 +148,14 @@ def main(argv=None) -> int:
         args = parse_args(sys.argv[1:] if argv is None else argv)
         if args.batch_size < 1:
             raise UserError(f"--batch-size must be > 0, got {args.batch_size}")
-        args.checkpoints = args.checkpoints or [latest_checkpoint(Config().out_dir)]
+        args.checkpoints = [find_checkpoint(given, Config().out_dir) for given in args.checkpoints or [None]]
         loaded = [load_checkpoint(path) for path in args.checkpoints]  # a bad path fails before the data is read
         # The figures belong to the run they describe, not beside it among the run folders.
         args.out_dir = args.out_dir or args.checkpoints[0].parent / "eval"
         data_dir = args.data_dir or loaded[0][1].get("config", {}).get("data_dir", "data")
         test = MNISTData(*load_split(data_dir, train=False, download=args.download))
+        for path, (_, ckpt) in zip(args.checkpoints, loaded):  # on stderr: stdout is the report
+            print(describe_checkpoint(path, ckpt), file=sys.stderr, flush=True)
         results = {
             label: evaluate_checkpoint(path, model, ckpt, test, args.batch_size)
             for label, path, (model, ckpt) in zip(labels_for(args.checkpoints), args.checkpoints, loaded)

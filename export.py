@@ -33,7 +33,7 @@ from torch import nn
 from config import Config, Parser, UserError
 from data import MNIST_MEAN, MNIST_STD, RAW_FILES, find_files, load_split
 from model import MEMORY_FORMAT, load_checkpoint, model_logits
-from rundir import atomic_write, latest_checkpoint
+from rundir import atomic_write, describe_checkpoint, find_checkpoint
 
 FORMATS = {"onnx": ".onnx", "pt2": ".pt2"}
 # The largest |logit difference| from the checkpoint that counts as the same model. Float32 sums in another
@@ -268,7 +268,10 @@ def write_site(folder: Path, model: bytes) -> int:
 def parse_args(argv):
     parser = Parser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument(
-        "checkpoint", nargs="?", type=Path, help="a best.pt or last.pt (default: the latest run's best.pt)"
+        "checkpoint",
+        nargs="?",
+        type=Path,
+        help="a best.pt or last.pt, a run folder, or a run name in runs/ (default: the latest run's best.pt)",
     )
     parser.add_argument(
         "--format",
@@ -298,7 +301,7 @@ def main(argv=None) -> int:
         formats = list(FORMATS) if args.format == "all" else ["onnx"] if web else [args.format]
         for fmt in ["web"] if web else formats:
             require(fmt)
-        checkpoint = args.checkpoint or latest_checkpoint(Config().out_dir)
+        checkpoint = find_checkpoint(args.checkpoint, Config().out_dir)
         model, ckpt = load_checkpoint(checkpoint)
         if web:
             site = args.out or checkpoint.parent / "web"
@@ -316,6 +319,7 @@ def main(argv=None) -> int:
         )
         reference = model_logits(model, images)  # the checkpoint as the project runs it: uint8 pixels, normalize()
         pixels = (images.unsqueeze(1).float() / 255).numpy()  # what ToTensor gives
+        print(describe_checkpoint(checkpoint, ckpt), file=sys.stderr, flush=True)
         print(f"checkpoint: {checkpoint} ({ckpt['model_name']}, sha256 {meta['checkpoint_sha256'][:12]}...)")
         print(f"verifying on {source}: checkpoint accuracy {accuracy(reference, labels):.2%}")
         for fmt, path in paths.items():

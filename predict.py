@@ -1,7 +1,7 @@
 """Classify your own digit photos and scans with a trained checkpoint.
 
     python predict.py photo.jpg scan.png                    # the latest run's best.pt
-    python predict.py digits/*.jpg --checkpoint runs/cnn/best.pt --json
+    python predict.py digits/*.jpg --checkpoint exp1 --json     # run exp1's best.pt (or a run folder, or a .pt file)
 
 Each image goes through digits.prepare_digit, MNIST's own preprocessing: ink found on either
 polarity, background and noise removed, fitted into 20x20 and centred by centre of mass in 28x28.
@@ -16,7 +16,7 @@ from pathlib import Path
 from config import Config, Parser, UserError
 from digits import prepare_digit
 from model import load_checkpoint, predict
-from rundir import latest_checkpoint
+from rundir import describe_checkpoint, find_checkpoint
 
 CLOSE = 0.25  # a runner-up at least this probable is named beside the answer
 
@@ -34,7 +34,11 @@ def describe(path: str, probs: list[float]) -> str:
 def parse_args(argv):
     parser = Parser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("images", nargs="+", help="image files: PNG, JPEG, WebP, GIF, BMP or TIFF, any size")
-    parser.add_argument("--checkpoint", type=Path, help="a best.pt or last.pt (default: the latest run's best.pt)")
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="a best.pt or last.pt, a run folder, or a run name in runs/ (default: the latest run's best.pt)",
+    )
     parser.add_argument(
         "--json",
         action="store_true",
@@ -46,10 +50,12 @@ def parse_args(argv):
 def main(argv=None) -> int:
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
-        model, _ = load_checkpoint(args.checkpoint or latest_checkpoint(Config().out_dir))
+        checkpoint = find_checkpoint(args.checkpoint, Config().out_dir)
+        model, ckpt = load_checkpoint(checkpoint)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    print(describe_checkpoint(checkpoint, ckpt), file=sys.stderr, flush=True)  # stderr: --json keeps stdout JSON
     results, failed = [], 0
     for path in args.images:
         try:

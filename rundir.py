@@ -104,6 +104,39 @@ def latest_checkpoint(out_dir="runs", name: str = "best.pt") -> Path:
     return latest_run(out_dir, name) / name
 
 
+def find_checkpoint(given=None, out_dir="runs") -> Path:
+    """The checkpoint a command-line tool uses: the file given; the best.pt of a run folder or of a run name in
+    out_dir; or, given nothing, the latest run's best.pt. Say which with describe_checkpoint once it is loaded."""
+    if not given:
+        return latest_checkpoint(out_dir)
+    path = Path(given)
+    if not path.exists() and len(path.parts) == 1 and path.suffix != ".pt":  # a run's name, such as exp1
+        path = _root(out_dir) / path
+        if not path.is_dir():
+            raise UserError(
+                f"no run named {given} in {out_dir}/ and no file {given}; pass a run name (ls {out_dir}/ lists "
+                f"them), a run folder or a .pt file"
+            )
+    if path.is_dir():
+        if not (path / "best.pt").is_file():
+            last = " (it has a last.pt: pass that file, or --resume the run)" if (path / "last.pt").is_file() else ""
+            raise UserError(f"no best.pt in {path}{last}; pass a run folder that has one, or a .pt file")
+        return path / "best.pt"
+    return path
+
+
+def describe_checkpoint(path, ckpt: dict) -> str:
+    """One line on which checkpoint a tool uses: its file, run, model and test accuracy (or why it has none)."""
+    path = Path(path)
+    test_acc, history = ckpt.get("test_acc"), ckpt.get("history") or [{}]
+    if test_acc is not None:
+        quality = f"test accuracy {test_acc:.2%}"
+    else:  # a last.pt, or the best.pt of a run that has not finished
+        val = history[-1].get("val_acc")
+        quality = f"not tested (epoch {ckpt.get('epoch', '?')}" + (f", val accuracy {val:.2%})" if val else ")")
+    return f"using {path}: run {path.resolve().parent.name}, model {ckpt.get('model_name', '?')}, {quality}"
+
+
 def find_run(out_dir, run_name: str) -> Path:
     """The run to resume: the one named, or else the latest that saved a last.pt."""
     if not run_name:
@@ -122,13 +155,16 @@ def find_run(out_dir, run_name: str) -> Path:
     return path
 
 
-def remove_if_unused(run_dir: Path) -> None:
-    """Delete a fresh run's folder if the run saved nothing in it (it failed at once, say). Call it holding the lock."""
+def remove_if_unused(run_dir: Path) -> bool:
+    """Delete a fresh run's folder if the run saved nothing in it (it failed at once, say); say whether it did.
+    Call it holding the lock."""
     if run_dir.is_dir() and not any((run_dir / name).exists() for name in RUN_FILES):
         with contextlib.suppress(OSError):  # Windows keeps a held lock file; a folder with a user's file stays
             for path in [*run_dir.glob("events.out.tfevents.*"), run_dir / JOB, run_dir / OWNER, run_dir / LOCK]:
                 path.unlink(missing_ok=True)
             run_dir.rmdir()
+            return True
+    return False
 
 
 def mark_job(run_dir: Path, job_id: str) -> None:

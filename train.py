@@ -102,6 +102,7 @@ def main(argv=None) -> int:
             return run(cfg, saved, stop_requested)
     except UserError as e:
         print0(f"error: {e}", file=sys.stderr)
+        distributed.report_error(f"error: {e}")  # under torchrun, also in its failure report
         return 1 if isinstance(e, Diverged) else 2
     except KeyboardInterrupt:
         print0("interrupted before anything new was saved", file=sys.stderr)
@@ -111,7 +112,9 @@ def main(argv=None) -> int:
             raise
         # Another process died or hung. torchrun names it, and restarts the group if --max-restarts allows.
         reason = " ".join(str(e).split())[:160]
-        print(f"error: process {distributed.rank()} lost the other processes of this run ({reason})", file=sys.stderr)
+        line = f"error: process {distributed.rank()} lost the other processes of this run ({reason})"
+        print(line, file=sys.stderr)
+        distributed.report_error(line)
         return 1
 
 
@@ -189,8 +192,14 @@ def run(cfg: Config, saved: dict | None = None, stop_requested=lambda: False) ->
             else:
                 run_dir = own or rundir.new_run_dir(cfg.out_dir, cfg.run_name, cfg.model)
             held.enter_context(rundir.locked(run_dir))
-            if not saved:  # a run that fails before its first save leaves no folder behind
-                held.callback(rundir.remove_if_unused, run_dir)
+            print(f"run folder: {run_dir}")  # said once the folder is this run's
+            if not saved:  # a run that fails before its first save leaves no folder behind, and says so
+                held.callback(
+                    lambda: (
+                        rundir.remove_if_unused(run_dir)
+                        and print(f"run folder {run_dir} removed: the run saved nothing")
+                    )
+                )
             rundir.mark_job(run_dir, distributed.job_id())  # where torchrun's restarts of this job continue
             return run_dir
 
@@ -219,7 +228,6 @@ def setup(cfg: Config, run_dir: Path, device: torch.device, saved: dict | None, 
             f"among them; pass a --batch-size that {world} divides"
         )
     print0("config: " + " ".join(f"{k}={v}" for k, v in asdict(cfg).items()))
-    print0(f"run folder: {run_dir}")
     print0(f"device: {device}, {world} process{'es' if world > 1 else ''} x {torch.get_num_threads()} threads")
     torch.manual_seed(cfg.seed)  # the weight initialisation; nothing draws from the global RNG after it
 

@@ -4,7 +4,7 @@ import pytest
 
 import config
 from config import Config, UserError, parse_args
-from conftest import run_cli
+from conftest import fast_args, one_line_error, run_cli
 
 
 def test_no_flags_gives_the_defaults():
@@ -115,3 +115,25 @@ def test_cli_prints_one_line_and_no_traceback(tmp_path):
     assert result.stderr.strip() == result.stderr.strip().splitlines()[0]
     assert result.stderr.startswith("error: unknown option --epoch (did you mean --epochs?)")
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("name", ["a/b", "../../escape", "..", ".", "/tmp/abs", "a\\b", "  ", " exp1", "exp1 "])
+def test_run_name_that_is_not_one_folder_name_is_refused(name):
+    """--run-name takes one folder name: a path, . or .., or spaces at either end are refused in one line."""
+    with pytest.raises(UserError, match=r"^run_name \(--run-name\) must be one folder name, such as exp1: .*got "):
+        parse_args(["--run-name", name])
+
+
+@pytest.mark.parametrize("name", ["exp1", "lr 0.05", "exp.1", "..x", "20261130-142301-cnn"])
+def test_run_name_that_is_one_folder_name_is_taken(name):
+    """Any single folder name is a run name, dots and inner spaces included; empty means a new timestamped one."""
+    assert parse_args(["--run-name", name]).run_name == name
+    assert parse_args(["--run-name", ""]).run_name == ""
+
+
+def test_escaping_run_name_writes_nothing(mnist_dir, tmp_path, run_main):
+    """train.py --run-name ../escape fails in one line before any work, and makes no folder inside or outside out_dir."""
+    out = tmp_path / "deep" / "runs"
+    message = one_line_error(run_main(*fast_args(mnist_dir, out / "x"), "--run-name", "../escape"))
+    assert "must be one folder name" in message
+    assert list(tmp_path.iterdir()) == []

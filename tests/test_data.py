@@ -1,4 +1,8 @@
+import functools
+import gzip
+import http.server
 import shutil
+import threading
 
 import numpy as np
 import pytest
@@ -7,8 +11,9 @@ import torchvision
 
 import data
 from config import UserError
-from conftest import N_TEST, N_TRAIN, REAL_DATA, needs_real_data, synthetic_digits, write_idx
-from data import MNIST_MEAN, MNIST_STD, RAW_FILES, MNISTData, load_split, load_splits
+from conftest import N_TEST, N_TRAIN, REAL_DATA, needs_real_data, synthetic_digits, write_idx, write_mnist
+from data import ALL_FILES, MNIST_MEAN, MNIST_STD, RAW_FILES, MNISTData, load_split, load_splits
+from test_distributed import CountingHandler
 
 
 def test_splits_have_the_right_sizes_and_items(mnist_dir):
@@ -78,14 +83,44 @@ def test_missing_data_with_download_off_says_where_and_how(tmp_path):
         load_split(tmp_path, train=True, download=False)
 
 
-def test_failed_download_is_one_line(tmp_path, monkeypatch):
-    """When every mirror fails (as offline), the error names the folder and the way out."""
-    monkeypatch.setattr(torchvision.datasets.MNIST, "mirrors", ["http://127.0.0.1:9/"])
-    with pytest.raises(
-        UserError,
-        match=rf"could not download MNIST into {tmp_path}/MNIST/raw .*copy the four IDX files \(plain or .gz\) there",
-    ):
-        load_split(tmp_path, train=True, download=True)
+@pytest.fixture
+def half_mirror(tmp_path, monkeypatch):
+    """torchvision's MNIST pointed at a loopback server that has the first file it asks for and refuses the rest,
+    as a connection lost part-way would: the download writes one file, then fails."""
+    served = tmp_path / "mirror"
+    served.mkdir()
+    (served / f"{ALL_FILES[0]}.gz").write_bytes(gzip.compress(b"half a download"))
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(CountingHandler, directory=str(served), counts={})
+    )
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(torchvision.datasets.MNIST, "mirrors", [f"http://127.0.0.1:{server.server_port}/"])
+    monkeypatch.setattr(torchvision.datasets.MNIST, "resources", [(f"{n}.gz", None) for n in ALL_FILES])
+    yield
+    server.shutdown()
+
+
+def tree(root):
+    return {p.relative_to(root): p.read_bytes() if p.is_file() else None for p in root.rglob("*")}
+
+
+@pytest.mark.parametrize("before", ["nothing", "a user's files"])
+def test_failed_download_names_both_ways_out_and_leaves_nothing(half_mirror, tmp_path, before):
+    """A download that fails part-way says to pass --data-dir or where to copy the files, and leaves the data dir as
+    it found it: no data/MNIST/raw/ where there was none, no half-downloaded file, the user's own files untouched."""
+    root = tmp_path / "data"
+    if before != "nothing":
+        write_mnist(root, n_train=20, n_test=10)
+        for name in ALL_FILES[:3]:
+            (root / "MNIST" / "raw" / name).unlink()  # one of the four is there, which is not enough
+        (root / "notes.txt").write_text("mine")
+    had = tree(root) if root.exists() else None
+    with pytest.raises(UserError) as error:
+        load_split(root, train=True, download=True)
+    raw = root / "MNIST" / "raw"
+    assert str(error.value).startswith(f"could not download MNIST into {raw} (HTTP Error 404")
+    assert f"pass --data-dir with the folder that holds them, or copy them into {raw}; else" in str(error.value)
+    assert (tree(root) if root.exists() else None) == had
 
 
 def test_data_dir_that_is_a_file(tmp_path):

@@ -140,7 +140,8 @@ def test_two_machines_meet_over_loopback(mnist_dir, tmp_path, one_process):
 
 
 def test_a_batch_size_the_world_does_not_divide_is_one_line(mnist_dir, tmp_path):
-    """--batch-size 51 on 2 processes ends both with one error line, printed once, and leaves no run folder."""
+    """--batch-size 51 on 2 processes ends both with one error line, printed once, and leaves no run folder;
+    torchrun's failure report names the same line as its root cause, where it would link to its docs."""
     result = finish(torchrun(*fast_args(mnist_dir, tmp_path / "odd", "--batch-size", 51)))
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
@@ -149,6 +150,8 @@ def test_a_batch_size_the_world_does_not_divide_is_one_line(mnist_dir, tmp_path)
         "pass a --batch-size that 2 divides"
     ]
     assert not (tmp_path / "odd").exists()
+    root_cause = result.stderr.split("Root Cause (first observed failure):", 1)[1]
+    assert f"traceback : {errors[0]}\n" in root_cause and "To enable traceback" not in result.stderr
 
 
 def test_a_data_error_ends_every_rank_with_one_line(tmp_path):

@@ -114,3 +114,63 @@ def test_the_file_table_names_every_top_level_script():
     table = (ROOT / "README.md").read_text().split("## What each file is", 1)[1].split("\n## ", 1)[0]
     named = set(re.findall(r"^\| `([^`]+)`", table, re.MULTILINE))
     assert ({p.name for p in ROOT.glob("*.py")} | OTHER_FILES) - named == set()
+
+
+# --- the default run's figures: config.py's epochs, and one accuracy, wherever the docs name them --------------
+
+# "defaults: 8 epochs", "the default (8 epochs", "a default run (8 epochs", "the default `python train.py` (8 epochs":
+# how a page names the epochs of the default run. "the default recipe (augmented) for 3 epochs" is another run, and
+# "fd3b740's default" an old one.
+DEFAULT_EPOCHS = re.compile(r"(?<!'s )\bdefaults?\b[^.\n|]{0,25}?[(:] ?(\d+) epochs\b")
+# "the default `python train.py` now reaches **99.39%**": a bold accuracy close after "default", in one sentence.
+DEFAULT_ACCURACY = re.compile(r"(?<!'s )\bdefault\b[^.\n|]{0,40}?\*\*(\d+\.\d+%)\*\*")
+PAGES_WITH_DEFAULT_EPOCHS = {"README.md", "results.md", "torchrun.md", "troubleshooting.md"}
+
+
+def flowing(page: Path) -> str:
+    """The page's prose with each paragraph's lines joined, so a phrase broken across lines is still found."""
+    return re.sub(r"(?<!\n)\n(?![\n|])", " ", prose(page.read_text()))
+
+
+def table(page: Path, first_heading: str) -> list[dict[str, str]]:
+    """The rows of the markdown table whose first heading is `first_heading`, as {heading: cell}, bold removed."""
+    lines = page.read_text().split(f"\n| {first_heading} |", 1)[1].split("\n\n", 1)[0].splitlines()
+    cells = [[cell.strip().strip("*") for cell in line.strip().strip("|").split("|")] for line in lines]
+    headings = [first_heading, *cells[0]]
+    return [dict(zip(headings, row)) for row in cells[2:]]
+
+
+def test_the_default_run_checkers_find_the_phrases_and_only_them():
+    """The patterns catch the default run's epochs and accuracy as the docs write them, and not other runs'."""
+    text = (
+        "CNN (defaults: 8 epochs, augmented). So the default (8 epochs with augmentation) wins. A full default run "
+        "(8 epochs) differs. The default `python train.py` now reaches **99.39%** here. The default recipe "
+        "(augmented) for 3 epochs. Short runs of the default: with 2 epochs. fd3b740's default, 4 epochs, **99.23%**."
+    )
+    assert DEFAULT_EPOCHS.findall(prose(text)) == ["8", "8", "8"]
+    assert DEFAULT_ACCURACY.findall(prose(text)) == ["99.39%"]
+
+
+def test_docs_give_the_default_run_config_pys_epochs():
+    """Wherever README.md and docs/ name the default run's epochs, they are config.py's `epochs`, so a change of the
+    default shows every sentence that must follow it."""
+    from config import Config
+
+    found = {page.name: [int(n) for n in DEFAULT_EPOCHS.findall(flowing(page))] for page in PAGES}
+    assert {name for name, epochs in found.items() if epochs} >= PAGES_WITH_DEFAULT_EPOCHS, found
+    assert {name: epochs for name, epochs in found.items() if set(epochs) - {Config().epochs}} == {}
+
+
+def test_the_readme_and_docs_give_results_mds_accuracy_for_the_default_run():
+    """docs/results.md's table is the one source of the default run's figures: the README's headline accuracy, its
+    table's rows, and each page's "the default ... **N%**" give its numbers. After a new measurement, update
+    results.md's table, then what this test names."""
+    results = {row["run"].split()[0]: row for row in table(ROOT / "docs" / "results.md", "run")}
+    readme = {row["run"].split()[0]: row for row in table(ROOT / "README.md", "run")}
+    for name, row in readme.items():
+        assert {k: v for k, v in row.items() if k != "run"} == {k: results[name][k] for k in row if k != "run"}, name
+    accuracy = results["CNN"]["test"]
+    headline = re.search(r"\*\*(\d+\.\d+%) test accuracy\*\*", (ROOT / "README.md").read_text())
+    assert headline and headline[1] == accuracy
+    stated = {page.name: DEFAULT_ACCURACY.findall(flowing(page)) for page in PAGES}
+    assert {name: figures for name, figures in stated.items() if set(figures) - {accuracy}} == {}

@@ -46,6 +46,29 @@ def test_evaluate_writes_every_figure_and_the_comparison(trained_run, fcnn_run, 
     assert f"{cnn}" in table and "8,490" in table and f"{784 * 32 + 32 + 330:,}" in table
 
 
+def test_comparison_stays_aligned_whatever_the_run_names():
+    """Each row of the side-by-side table is as long as its header, with every value under its heading, when run
+    names are longer than the heading (a timestamped or user-chosen name) or shorter."""
+    one = {
+        "name": "cnn",
+        "parameters": 8490,
+        "best_epoch": 8,
+        "epochs_to_98": 3,
+        "val_acc": 0.992,
+        "test_acc": 0.9939,
+        "seconds_per_epoch": 3.4,
+    }
+    other = {**one, "name": "fcnn", "parameters": 203530, "best_epoch": None, "epochs_to_98": None, "test_acc": 0.984}
+    results = {"a": one, "20261202-113000-cnn-lr0.05-weight-decay-5e-4": other, "run": one}
+    header, *rows = evaluate.format_comparison(results).splitlines()
+    assert {len(line) for line in rows} == {len(header)}
+    for row, (label, r) in zip(rows, results.items()):
+        assert row.startswith(f"{label} ")
+        assert row[header.index("model") :].startswith(f"{r['name']} ")
+        assert row[: header.index("test acc") + len("test acc")].endswith(f" {r['test_acc']:.2%}")
+        assert row.endswith(f" {r['seconds_per_epoch']:.1f}")
+
+
 def test_figures_go_into_the_evaluated_runs_own_folder(trained_run, mnist_dir, tmp_path, run_evaluate):
     """Without --out-dir the figures go to eval/ inside the first checkpoint's run folder, and nowhere else."""
     run = tmp_path / "runs" / "cnn"
@@ -137,7 +160,8 @@ def test_figures_folder_that_cannot_be_made(trained_run, mnist_dir, tmp_path, ru
     """An --out-dir inside a file is reported in one line; the evaluation itself is not lost from the output."""
     (tmp_path / "file").write_text("")
     result = run_evaluate(trained_run / "best.pt", "--data-dir", mnist_dir, "--out-dir", tmp_path / "file" / "figs")
-    assert "cannot write figures to" in one_line_error(result)
+    using, line = result.stderr.splitlines()  # the checkpoint it evaluated, then the one error
+    assert result.returncode == 2 and using.startswith("using ") and line.startswith("error: cannot write figures to")
     assert "accuracy" in result.stdout
 
 

@@ -247,7 +247,9 @@ def test_missing_exporter_package(trained_run, tmp_path, run_export, monkeypatch
 def test_a_file_that_disagrees_is_not_written(trained_run, tmp_path, run_export, monkeypatch):
     """If the exported file's logits differ from the checkpoint's by more than the tolerance, it fails and writes nothing."""
     monkeypatch.setitem(export.RUN, "pt2", lambda data, pixels: export.run_pt2(data, pixels) + 0.5)
-    line = one_line_error(run_export(trained_run / "best.pt", "--format", "pt2", "--out", tmp_path / "m.pt2"))
+    result = run_export(trained_run / "best.pt", "--format", "pt2", "--out", tmp_path / "m.pt2")
+    using, line = result.stderr.splitlines()  # the checkpoint it exported, then why nothing was written
+    assert result.returncode == 2 and using.startswith("using ") and line.startswith("error: ")
     assert "differ from the checkpoint's by 5.00e-01, more than 1e-04" in line and "was not written" in line
     assert list(tmp_path.iterdir()) == []
 

@@ -141,7 +141,8 @@ def test_cli_prints_one_line_per_image_and_goes_on_after_bad_files(photos, train
     lines = result.stdout.splitlines()
     assert [line.split(": ")[0] for line in lines] == [str(photos["a.jpg"]), str(photos["b.png"])]
     assert all(line.split(": ")[1][0].isdigit() and "%)" in line for line in lines)
-    errors = result.stderr.splitlines()
+    using, *errors = result.stderr.splitlines()  # first, which checkpoint it uses
+    assert using.startswith(f"using {trained_run / 'best.pt'}: ")
     assert errors == [
         f"error: {photos['notes.txt']}: not a PNG, JPEG, WEBP, GIF, BMP or TIFF image",
         f"error: {photos['blank.png']}: no digit found: nothing stands out from the background",

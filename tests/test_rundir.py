@@ -160,3 +160,17 @@ def test_interrupted_run_prints_the_command_that_resumes_it(mnist_dir, tmp_path,
     assert command == ["python", "train.py", *run_flags(folder), "--resume"]
     assert run_main(*command[2:]).returncode == 0
     assert [row["epoch"] for row in load_checkpoint(folder / "last.pt")[1]["history"]] == [1]
+
+
+def test_the_run_folder_printed_is_there_or_said_removed(mnist_dir, tmp_path, run_main):
+    """ "run folder: X" is printed once the run holds X; a run that then fails before any save removes X and says so,
+    and a run refused before it holds a folder names none."""
+    runs = tmp_path / "runs"
+    failed = run_main(*fast_args(tmp_path / "no-data", runs / "a"))  # no MNIST there, and --no-download
+    assert "MNIST is not in" in one_line_error(failed)
+    assert f"run folder: {runs / 'a'}\n" in failed.stdout
+    assert f"run folder {runs / 'a'} removed: the run saved nothing\n" in failed.stdout and not (runs / "a").exists()
+    done = run_main(*fast_args(mnist_dir, runs / "b"))
+    assert done.returncode == 0 and f"run folder: {runs / 'b'}\n" in done.stdout and "removed" not in done.stdout
+    refused = run_main(*fast_args(mnist_dir, runs / "b"))  # b holds a run: refused before it is claimed
+    assert "already exists" in one_line_error(refused) and "run folder" not in refused.stdout
