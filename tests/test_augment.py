@@ -165,7 +165,7 @@ def test_resume_keeps_the_augmentation_and_refuses_to_change_it(mnist_dir, tmp_p
 
 @needs_real_data
 def test_augmentation_trains_at_least_as_well_on_real_mnist(real_run, tmp_path):
-    """Three epochs of the default recipe on real MNIST: with augmentation, test accuracy no worse than without."""
+    """Two epochs of the default recipe on real MNIST: with augmentation, test accuracy no worse than without."""
     assert (
         train.main(
             [
@@ -173,7 +173,7 @@ def test_augmentation_trains_at_least_as_well_on_real_mnist(real_run, tmp_path):
                 str(REAL_DATA),
                 *run_flags(tmp_path / "off"),
                 "--epochs",
-                "3",
+                "2",
                 "--no-download",
                 "--no-augment",
                 "--no-tensorboard",
@@ -183,5 +183,5 @@ def test_augmentation_trains_at_least_as_well_on_real_mnist(real_run, tmp_path):
     )
     on = json.loads((real_run / "metrics.json").read_text())
     off = json.loads((tmp_path / "off" / "metrics.json").read_text())
-    assert load_checkpoint(real_run / "last.pt")[1]["config"]["augment"] is True and len(on["history"]) == 3
-    assert on["test_acc"] >= off["test_acc"]  # seed 0: 99.36% against 99.08%
+    assert load_checkpoint(real_run / "last.pt")[1]["config"]["augment"] is True and len(on["history"]) == 2
+    assert on["test_acc"] >= off["test_acc"]  # seed 0, 2 threads: 99.19% against 98.97%
