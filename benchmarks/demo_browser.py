@@ -10,6 +10,7 @@ slight tremor, and reads #prediction[data-digit]. It prints the share read right
 The drawing helpers are in drawn_digits.py, which the browser tests use too.
 Needs Chromium (`apt-get install -y chromium`) and `pip install playwright`.
 """
+
 import argparse
 import sys
 from pathlib import Path

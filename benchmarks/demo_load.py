@@ -30,15 +30,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import httpx
 import numpy as np
-from demo_browser import serve
 from PIL import Image, ImageDraw
 
 from config import Config
 from demo import classify
+from drawn_digits import serve
 from model import load_checkpoint
 from rundir import latest_checkpoint
 

@@ -4,12 +4,9 @@
     python benchmarks/photos.py --data-dir ../shared/data --checkpoint runs/cnn/best.pt --figure docs/photos.png
     python benchmarks/photos.py --data-dir ../shared/data --checkpoint runs/cnn/best.pt --phone --count 300
 
-The photos are MNIST test digits made to look like phone pictures of ink on paper by
-`photograph` below: scaled 3-10x and off-centre on a larger canvas, mostly dark on light,
-uneven light, blur, sensor noise, grey or tinted, saved as JPEG or PNG. The same seed gives
-the same photos. `photograph` lives here, not in digits.py, because only measurements use it
-(this script, tests/test_predict.py and the notebook's example photo); nothing at run time does. It prints accuracy through prepare_digit against a plain resize to 28x28,
-and what prepare_digit costs on the MNIST test set itself, which already looks like MNIST.
+The photos are MNIST test digits made to look like phone pictures of ink on paper by fake_photos.py
+(`photo_set`); the same seed gives the same photos. It prints accuracy through prepare_digit against a plain
+resize to 28x28, and what prepare_digit costs on the MNIST test set itself, which already looks like MNIST.
 
 With --phone the photos are scaled up to phone size (about 12 megapixels, JPEG) and read twice: decoded in
 full, and as prepare_digit reads a file, with JPEG's draft mode (1/2, 1/4 or 1/8 scale, at least 512 px). It
@@ -28,47 +25,13 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np
 import torch
-from PIL import Image, ImageFilter
+from PIL import Image
 
 from data import load_split
 from digits import load_image, prepare_digit
+from fake_photos import photo_set
 from model import load_checkpoint, model_logits
 from rundir import latest_checkpoint
-
-
-def photograph(digit: np.ndarray, rng: np.random.Generator) -> bytes:
-    """A 28x28 MNIST digit as if written on paper and photographed: scaled 3-10x, off-centre on a larger
-    canvas, mostly dark on light, uneven light, blur, sensor noise, grey or tinted, as JPEG or PNG bytes."""
-    scale = rng.uniform(3, 10)
-    size = round(28 * scale)
-    ink = np.asarray(Image.fromarray(digit).resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32) / 255
-    height, width = (round(size * rng.uniform(1.3, 2.5)) for _ in range(2))
-    top, left = rng.integers(0, height - size + 1), rng.integers(0, width - size + 1)
-    canvas = np.zeros((height, width), dtype=np.float32)
-    canvas[top : top + size, left : left + size] = ink
-    if rng.random() < 0.75:  # dark ink on light paper
-        paper, pen = rng.uniform(0.7, 0.95), rng.uniform(0.05, 0.3)
-    else:
-        paper, pen = rng.uniform(0.05, 0.25), rng.uniform(0.75, 0.95)
-    picture = paper + (pen - paper) * canvas
-    angle = rng.uniform(0, 2 * np.pi)
-    rows, cols = np.mgrid[0:height, 0:width]
-    ramp = np.cos(angle) * cols / width + np.sin(angle) * rows / height
-    picture *= 1 - rng.uniform(0.2, 0.45) * (ramp - ramp.min()) / max(np.ptp(ramp), 1e-6)  # light from one side
-    focus = ImageFilter.GaussianBlur(rng.uniform(0.3, 0.8) * scale / 3)
-    picture = np.asarray(Image.fromarray((np.clip(picture, 0, 1) * 255).astype(np.uint8)).filter(focus)) / 255
-    picture = picture + rng.normal(0, rng.uniform(0.01, 0.05), picture.shape)
-    picture = (np.clip(picture, 0, 1) * 255).round().astype(np.uint8)
-    image = Image.fromarray(picture)
-    if rng.random() < 0.5:  # tinted colour: warm paper under indoor light, say
-        tint = rng.uniform(0.8, 1.0, size=3)
-        image = Image.fromarray((np.asarray(image.convert("RGB")) * tint).astype(np.uint8))
-    buffer = io.BytesIO()
-    if rng.random() < 0.5:
-        image.save(buffer, format="JPEG", quality=int(rng.integers(70, 96)))
-    else:
-        image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def phone_size(photo: bytes, megapixels: float = 12) -> bytes:
@@ -104,13 +67,6 @@ def draft_or_not(model, photos, labels) -> None:
         accuracy_ = (answer == labels).float().mean().item()
         print(f"  {name}: {accuracy_:.2%}, prepare_digit {statistics.median(ms):.0f} ms CPU a photo (median)")
     print(f"  answers that differ: {(answers[0] != answers[1]).sum().item()}")
-
-
-def photo_set(images: torch.Tensor, labels: torch.Tensor, count: int, seed: int = 0):
-    """`count` photographed test digits (as encoded JPEG/PNG bytes) and their labels, the same for the same seed."""
-    rng = np.random.default_rng(seed)
-    index = rng.choice(len(labels), size=count, replace=False)
-    return [photograph(images[i].numpy(), rng) for i in index], labels[index]
 
 
 def accuracy(model, pixels: torch.Tensor, labels: torch.Tensor) -> float:

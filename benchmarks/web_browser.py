@@ -30,9 +30,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from demo_browser import ARGS, CHROMIUM, WAIT_MS, answer, draw, draw_digit, serve, strokes_on_pad
-
 import export
+from drawn_digits import ARGS, CHROMIUM, WAIT_MS, answer, draw, draw_digit, serve, strokes_on_pad
 
 
 @contextlib.contextmanager

@@ -116,9 +116,16 @@ def one_line_error(result, exit_code=2) -> str:
     return lines[0]
 
 
-def copy_run(run_dir: Path, out_dir: Path) -> Path:
-    """A copy of a run folder inside out_dir, for a test that runs into it: a shared fixture's run stays as it is."""
-    return Path(shutil.copytree(run_dir, Path(out_dir) / Path(run_dir).name))
+def copy_run(run_dir: Path, out_dir: Path, names: Collection[str] | None = None) -> Path:
+    """A copy of a run folder inside out_dir, for a test that changes or runs into it: a shared fixture's run stays
+    as it is. With `names`, only those files are copied."""
+    copy = Path(out_dir) / Path(run_dir).name
+    if names is None:
+        return Path(shutil.copytree(run_dir, copy))
+    copy.mkdir(parents=True)
+    for name in names:
+        shutil.copy2(Path(run_dir) / name, copy / name)
+    return copy
 
 
 # --- processes that a test starts, reads while they run, and stops ----------------------------

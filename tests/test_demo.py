@@ -8,7 +8,6 @@ import os
 import shutil
 import socket
 import struct
-import sys
 import threading
 import warnings
 import zlib
@@ -20,12 +19,10 @@ from PIL import Image, ImageDraw, JpegImagePlugin
 
 import demo
 import predict as predict_cli
-from conftest import ROOT, call_main, one_line_error, run_cli
+from conftest import call_main, one_line_error, run_cli
 from digits import MAX_PIXELS, WORK_SIZE, load_image, prepare_digit
+from drawn_digits import serve
 from model import load_checkpoint, predict
-
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from demo_browser import serve
 
 with warnings.catch_warnings():  # starlette 1.x suggests httpx2 for its test client; httpx works the same
     warnings.filterwarnings("ignore", "Using `httpx` with `starlette.testclient`")

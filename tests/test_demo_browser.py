@@ -5,17 +5,13 @@ Skips outside CI when no Chromium is installed (`apt-get install -y chromium`); 
 
 import io
 import os
-import sys
 
 import httpx
 import pytest
 from PIL import Image
 
-from conftest import ROOT
+from drawn_digits import ARGS, CHROMIUM, WAIT_MS, answer, draw, serve
 from test_demo import pad_png
-
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from demo_browser import ARGS, CHROMIUM, WAIT_MS, answer, draw, serve
 
 if not os.path.exists(CHROMIUM):
     if os.environ.get("CI"):

@@ -13,10 +13,9 @@ import pytest
 import torch
 
 import export
-from conftest import REAL_DATA, ROOT, call_main, needs_real_data, write_mnist
+from conftest import REAL_DATA, ROOT, call_main, needs_real_data, one_line_error, write_mnist
 from data import ALL_FILES, load_split
 from model import load_checkpoint, model_logits
-from test_faults import one_line_error
 
 ATOL = 1e-4  # the tolerance docs/export.md states; fixed here, not read from export.py, so loosening it there fails
 

@@ -9,10 +9,10 @@ import torch
 from PIL import Image, ImageDraw
 
 import predict as predict_cli
-from benchmarks.photos import photo_set, photograph
 from conftest import call_main
 from data import load_split
 from digits import NoDigit, prepare_digit
+from fake_photos import photo_set, photograph
 from model import load_checkpoint, model_logits, predict
 
 

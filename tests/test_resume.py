@@ -15,28 +15,13 @@ import distributed
 import rundir
 import train
 from config import parse_args
-from conftest import ROOT, fast_args, run_flags
+from conftest import ROOT, copy_run, fast_args, one_line_error, run_flags
 from model import build_model, load_checkpoint, save_checkpoint
-
-
-def copy_run(run_dir: Path, to: Path, names=("best.pt", "last.pt", "metrics.json")) -> Path:
-    """A copy of a run folder's files, to change or resume without touching the shared fixture."""
-    to.mkdir(parents=True)
-    for name in names:
-        (to / name).write_bytes((run_dir / name).read_bytes())
-    return to
 
 
 def files(folder: Path) -> dict:
     """Every file in a folder, with its bytes and modification time."""
     return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.iterdir()}
-
-
-def one_error_line(result, exit_code=2) -> str:
-    assert result.returncode == exit_code, (result.returncode, result.stderr)
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr, result.stderr
-    return lines[0]
 
 
 STEPS_PER_EPOCH = 10  # fast_args: 500 training images in batches of 50
@@ -80,7 +65,7 @@ def test_resuming_with_fewer_epochs_than_trained_is_refused_and_touches_nothing(
     stopped_run(mnist_dir, run_dir, epochs, after_epochs, steps)
     before = files(run_dir)
     result = run_main(*run_flags(run_dir), "--resume", "--epochs", 1)
-    assert one_error_line(result) == f"error: run {run_dir} has trained {message}"
+    assert one_line_error(result) == f"error: run {run_dir} has trained {message}"
     assert "epoch" not in result.stdout and files(run_dir) == before
 
 
@@ -114,7 +99,7 @@ def test_resuming_a_finished_run_says_so_and_touches_nothing(trained_run, tmp_pa
     run_dir = copy_run(trained_run, tmp_path / "done")
     before = files(run_dir)
     result = run_main(*run_flags(run_dir), "--resume")
-    message = one_error_line(result)
+    message = one_line_error(result)
     assert message == (
         f"error: run {run_dir} is finished: it trained all 2 epochs and was tested; to train on, "
         f"add --epochs N with N > 2 (the schedule stretches to the new end)"
@@ -142,13 +127,13 @@ def test_resuming_a_folder_still_being_written_names_its_writer(tmp_path, run_ma
     run_dir = tmp_path / "busy"
     run_dir.mkdir()
     with rundir.locked(run_dir):  # as a run does from its start; a lock taken in this process is held all the same
-        message = one_error_line(run_main(*run_flags(run_dir), "--resume"))
+        message = one_line_error(run_main(*run_flags(run_dir), "--resume"))
     assert message == (
         f"error: run {run_dir} is being written by train.py with PID {os.getpid()} on "
         f"{message.split(' on ')[1].split(' and has')[0]} and has no last.pt yet; wait for it to end, "
         f"or start a new run"
     )
-    assert "nothing to resume" in one_error_line(run_main(*run_flags(run_dir), "--resume"))
+    assert "nothing to resume" in one_line_error(run_main(*run_flags(run_dir), "--resume"))
 
 
 def test_a_checkpoint_without_loss_scaling_resumes_where_the_scaler_is_on(trained_run, mnist_dir):
@@ -220,13 +205,13 @@ def test_a_torchrun_restart_adopts_its_own_folder_that_has_no_last_pt(
 ):
     """A worker lost between an epoch's best.pt and its first last.pt leaves a folder with best.pt alone; the restarted
     group starts again in that folder, its job's own, instead of refusing it as another run's."""
-    run_dir = copy_run(trained_run, tmp_path / "runs" / "run", names=("best.pt",))
+    run_dir = copy_run(trained_run, tmp_path / "runs", names=("best.pt",))
     rundir.mark_job(run_dir, "job-7")
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-7")
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
     result = run_main(*fast_args(mnist_dir, run_dir))
     assert result.returncode == 0, result.stderr
-    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["run"]
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == [run_dir.name]
     assert [row["epoch"] for row in load_checkpoint(run_dir / "last.pt")[1]["history"]] == [1]
     assert load_checkpoint(run_dir / "best.pt")[1]["config"]["epochs"] == 1  # the new run's, not the lost one's
 

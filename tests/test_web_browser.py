@@ -20,10 +20,9 @@ from PIL import Image
 
 import export
 import test_demo_browser
+from drawn_digits import answer, draw, draw_digit, serve
 from test_demo_browser import DRAWINGS, open_page
 from test_web import needs_onnxruntime_web
-
-from demo_browser import answer, draw, draw_digit, serve  # isort: skip (test_demo_browser puts benchmarks/ on the path)
 
 # The largest difference, on 0-255, between a pixel of prepare.js's 28x28 digit and prepare_digit's for the same
 # pad. The two compute the same steps in float32 and float64 in other orders; the thumbnail to 256 px resizes
