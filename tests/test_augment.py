@@ -1,5 +1,3 @@
-import json
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,7 +6,7 @@ import augment
 import evaluate
 import train
 from config import Config
-from conftest import N_TRAIN, REAL_DATA, fast_args, needs_real_data, run_flags
+from conftest import N_TRAIN, fast_args
 from data import MNIST_MEAN, MNIST_STD, load_splits, normalize
 from model import load_checkpoint, predict
 
@@ -161,27 +159,3 @@ def test_resume_keeps_the_augmentation_and_refuses_to_change_it(mnist_dir, tmp_p
     with pytest.raises(Exception, match=r"cannot resume.*aug_rotate 7\.0 -> 5\.0"):
         train.resume_config(ckpt["config"], ["--aug-rotate", "5"])
     assert train.resume_config(ckpt["config"], ["--epochs", "2"]).aug_rotate == 7.0
-
-
-@needs_real_data
-def test_augmentation_trains_at_least_as_well_on_real_mnist(real_run, tmp_path):
-    """Two epochs of the default recipe on real MNIST: with augmentation, test accuracy no worse than without."""
-    assert (
-        train.main(
-            [
-                "--data-dir",
-                str(REAL_DATA),
-                *run_flags(tmp_path / "off"),
-                "--epochs",
-                "2",
-                "--no-download",
-                "--no-augment",
-                "--no-tensorboard",
-            ]
-        )
-        == 0
-    )
-    on = json.loads((real_run / "metrics.json").read_text())
-    off = json.loads((tmp_path / "off" / "metrics.json").read_text())
-    assert load_checkpoint(real_run / "last.pt")[1]["config"]["augment"] is True and len(on["history"]) == 2
-    assert on["test_acc"] >= off["test_acc"]  # seed 0, 2 threads: 99.19% against 98.97%
