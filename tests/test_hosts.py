@@ -191,7 +191,10 @@ def test_torchrun_across_two_hosts_follows_one_process_and_survives_a_lost_worke
     saved = load_checkpoint(run_dir / "last.pt")[1]
     assert [row["epoch"] for row in saved["history"]] == [1, 2] and saved["world_size"] == 2
     for key, value in load_checkpoint(one / "last.pt")[0].state_dict().items():
-        torch.testing.assert_close(saved["model"][key], value, rtol=1e-4, atol=1e-5)
+        # Two epochs, a restart and one thread per host against the reference's two add up more summation-order
+        # differences than test_distributed's one epoch, and gradient clipping passes them on to every weight:
+        # up to 9.6e-5 was seen, against weights of about 0.1. A wrong shard or a lost step differs by far more.
+        torch.testing.assert_close(saved["model"][key], value, rtol=1e-3, atol=2e-4)
 
 
 def test_restarts_across_machines_in_one_rendezvous_store_are_refused_in_one_line(

@@ -145,26 +145,38 @@ def real_site(browser, real_run, tmp_path_factory):
             site.close()
 
 
-@pytest.mark.timeout(600)  # 50 drawings, and real_run's training when this test is the first to ask for it
-def test_drawn_digits_are_read_alike_in_the_browser_and_by_the_served_demo(real_site):
-    """50 digits drawn with the mouse, varied in size, place, slant and stroke width, on the static page: it reads
-    >= 95% right; the served demo, sent the same pad as its page sends it, reads >= 95% right and gives the same
-    digit for >= 98%; and prepare.js's 28x28 digit matches prepare_digit's to PIXEL_TOLERANCE on every drawing."""
+# The 50 drawings in chunks of ten: each test's own work stays well inside the per-test limit on a busy machine,
+# and the last test judges all of them together. DRAWN holds each chunk's (static, served, largest pixel difference).
+CHUNK = 10
+DRAWN: dict[int, list[tuple[str, str, int]]] = {}
+
+
+@pytest.mark.parametrize("chunk", range(DRAWINGS // CHUNK))
+def test_drawn_digits_on_the_static_page_are_prepared_as_prepare_digit_prepares_them(real_site, chunk):
+    """Ten digits drawn with the mouse, varied in size, place, slant and stroke width, on the static page; the same
+    pad, as the demo's page sends it, posted to the served demo: prepare.js's 28x28 digit matches prepare_digit's
+    to PIXEL_TOLERANCE on every drawing."""
     page, server = real_site
-    rng = np.random.default_rng(0)
-    read = {"static": [], "served": []}
-    worst = 0
-    for i in range(DRAWINGS):
+    rng = np.random.default_rng(chunk)
+    DRAWN[chunk] = []
+    for i in range(chunk * CHUNK, (chunk + 1) * CHUNK):
         page.click("#clear")
-        read["static"].append(draw_digit(page, i % 10, rng))
+        static = draw_digit(page, i % 10, rng)
         pad = data(page.evaluate("document.getElementById('pad').toDataURL('image/png')"))  # what the demo's page sends
         served = server.post("/predict", files={"image": ("pad.png", pad)}).json()
-        read["served"].append(str(served["digit"]))
         mine, theirs = (pixels(data(url)) for url in (page.get_attribute("#prepared", "src"), served["prepared"]))
-        worst = max(worst, int(np.abs(mine - theirs).max()))
-    right = {name: np.mean([got == str(i % 10) for i, got in enumerate(digits)]) for name, digits in read.items()}
-    same = np.mean([a == b for a, b in zip(read["static"], read["served"])])
-    print(f"\nread right of {DRAWINGS}: {right}; the two agree on {same:.0%}; largest pixel difference {worst}/255")
-    assert right["static"] >= 0.95 and right["served"] >= 0.95, read
-    assert same >= 0.98, read
-    assert worst <= PIXEL_TOLERANCE
+        DRAWN[chunk].append((static, str(served["digit"]), int(np.abs(mine - theirs).max())))
+    assert max(worst for *_, worst in DRAWN[chunk]) <= PIXEL_TOLERANCE, DRAWN[chunk]
+
+
+def test_drawn_digits_are_read_alike_in_the_browser_and_by_the_served_demo():
+    """Of the 50 drawings above, the static page reads >= 95% right, the served demo >= 95%, and the two give the
+    same digit for >= 98%."""
+    assert sorted(DRAWN) == list(range(DRAWINGS // CHUNK)), "a chunk of drawings above did not run to its end"
+    rows = [row for chunk in sorted(DRAWN) for row in DRAWN[chunk]]  # in the order drawn: digit i is i % 10
+    drawn = [(str(i % 10), static, served) for i, (static, served, _) in enumerate(rows)]
+    right = {name: np.mean([row[0] == row[k] for row in drawn]) for k, name in ((1, "static"), (2, "served"))}
+    same = np.mean([static == served for _, static, served in drawn])
+    print(f"\nread right of {len(drawn)}: {right}; the two agree on {same:.0%}")
+    assert right["static"] >= 0.95 and right["served"] >= 0.95, drawn
+    assert same >= 0.98, drawn
