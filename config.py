@@ -8,7 +8,9 @@ list of defaults, and every value is checked before any work starts.
 
 import argparse
 import difflib
+import gc
 import math
+import sys
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
 import torch
@@ -180,6 +182,15 @@ def _parse_value(kind, text: str, name: str):
         return kind(text)
     except ValueError:
         raise UserError(f"--{flag(name)} takes {KIND_NAMES[kind]}, got {text!r}") from None
+
+
+def exit_script(code: int):
+    """sys.exit(code) for a script whose main() has returned, without Python's last garbage collection: with
+    torch imported it walks millions of objects, about a second on a 2-core machine (1.0 s after `import torch`
+    alone, 0.2 s without it), while the OS frees the memory at once. Objects still in reference cycles are not
+    finalised, so main() closes its files, locks and process group itself, as it does anyway."""
+    gc.freeze()
+    sys.exit(code)
 
 
 class Parser(argparse.ArgumentParser):

@@ -35,6 +35,7 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
+import config
 from config import Config, Parser, UserError
 from digits import NoDigit, prepare_digit
 from model import load_checkpoint, predict
@@ -238,4 +239,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    config.exit_script(main())

@@ -9,6 +9,7 @@ import statistics
 import sys
 from pathlib import Path
 
+import config
 import plots
 from config import Config, Parser, UserError
 from data import MNISTData, load_split
@@ -179,4 +180,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    config.exit_script(main())

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+import config
 from config import Config, Parser, UserError
 from data import MNIST_MEAN, MNIST_STD, RAW_FILES, find_files, load_split
 from model import MEMORY_FORMAT, load_checkpoint, model_logits
@@ -351,4 +352,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    config.exit_script(main())

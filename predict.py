@@ -13,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+import config
 from config import Config, Parser, UserError
 from digits import prepare_digit
 from model import load_checkpoint, predict
@@ -81,4 +82,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    config.exit_script(main())

@@ -551,4 +551,4 @@ def print_row(row: dict, best: bool) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    config.exit_script(main())
