@@ -5,6 +5,7 @@ import contextlib
 import functools
 import gzip
 import http.server
+import io
 import os
 import re
 import signal
@@ -15,12 +16,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import torchvision
 
 import train
 from conftest import (
     PAUSED_TRAIN,
     ROOT,
     children,
+    copy_run,
     fast_args,
     finish,
     interrupt_when_paused,
@@ -67,30 +70,40 @@ def assert_close(a: dict, b: dict) -> None:
 
 @pytest.fixture(scope="module")
 def one_process(mnist_dir, tmp_path_factory):
-    """A single-process run of one epoch, and its printed output: the trajectory the others must follow."""
+    """A single-process run of one epoch, and its printed output: the trajectory the others must follow. It runs
+    in this process, as `python train.py` would run it (no second torch import)."""
     run_dir = tmp_path_factory.mktemp("one") / "run"
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *fast_args(mnist_dir, run_dir, *UNEVEN)],
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        cwd=ROOT,
-    )
-    assert result.returncode == 0, result.stderr
-    return run_dir, result.stdout
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        assert train.main(fast_args(mnist_dir, run_dir, *UNEVEN)) == 0
+    return run_dir, out.getvalue()
 
 
-def test_two_processes_follow_the_one_process_trajectory(mnist_dir, tmp_path, one_process):
+@pytest.fixture(scope="module")
+def two_processes(mnist_dir, tmp_path_factory):
+    """The same epoch under torchrun with 2 CPU processes, and what torchrun printed."""
+    run_dir = tmp_path_factory.mktemp("two") / "run"
+    result = finish(torchrun(*fast_args(mnist_dir, run_dir, *UNEVEN)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir, result
+
+
+@pytest.fixture(scope="module")
+def two_epochs(mnist_dir, one_process, tmp_path_factory):
+    """The one-process run resumed for a second epoch, in this process: where a run resumed elsewhere must end."""
+    run_dir = copy_run(one_process[0], tmp_path_factory.mktemp("reference"))
+    assert train.main([*fast_args(mnist_dir, run_dir, *UNEVEN), "--epochs", "2", "--resume"]) == 0
+    return run_dir
+
+
+def test_two_processes_follow_the_one_process_trajectory(one_process, two_processes):
     """torchrun with 2 CPU processes ends one epoch with the 1-process weights and prints the same table, once."""
-    run_dir, single_out = one_process
-    result = finish(torchrun(*fast_args(mnist_dir, tmp_path / "two", *UNEVEN)))
-    assert result.returncode == 0, result.stderr
-    assert_close(weights(tmp_path / "two"), weights(run_dir))
+    (run_dir, single_out), (two_dir, result) = one_process, two_processes
+    assert_close(weights(two_dir), weights(run_dir))
     assert rows(result.stdout) == rows(single_out) and len(rows(result.stdout)) == 1
     assert result.stdout.count("test: loss") == 1 and result.stdout.count("config:") == 1
     assert "device: cpu, 2 processes x 1 threads" in result.stdout  # torchrun's OMP_NUM_THREADS=1, respected
-    assert [p.name for p in tmp_path.iterdir()] == ["two"]
-    assert len(event_writers(tmp_path / "two")) == 1  # rank 0 alone logs
+    assert [p.name for p in two_dir.parent.iterdir()] == ["run"]
+    assert len(event_writers(two_dir)) == 1  # rank 0 alone logs
 
 
 def event_writers(run_dir: Path) -> set[int]:
@@ -183,6 +196,20 @@ class CountingHandler(http.server.SimpleHTTPRequestHandler):
             super().handle()
 
 
+@contextlib.contextmanager
+def mirror(folder, counts):
+    """Serve `folder` on a free port of 127.0.0.1 as a download mirror, counting the requests in `counts`."""
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(CountingHandler, directory=str(folder), counts=counts)
+    )
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 USE_MIRROR = """
 import sys
 sys.path.insert(0, {root!r})
@@ -194,28 +221,27 @@ sys.exit(train.main())
 """
 
 
-def test_only_one_process_per_machine_downloads(mnist_dir, tmp_path):
+def test_only_one_process_per_machine_downloads(mnist_dir, tmp_path, monkeypatch):
     """On a fresh machine 2 processes make exactly the requests that 1 process makes, and both train on the files."""
     served = tmp_path / "mirror"
     served.mkdir()
     for name in (n for names in RAW_FILES.values() for n in names):
         (served / f"{name}.gz").write_bytes(gzip.compress((mnist_dir / "MNIST" / "raw" / name).read_bytes()))
     counts = {1: {}, 2: {}}
-    script = tmp_path / "train_from_mirror.py"
     for nproc in (1, 2):
-        server = http.server.ThreadingHTTPServer(
-            ("127.0.0.1", 0), functools.partial(CountingHandler, directory=str(served), counts=counts[nproc])
-        )
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        script.write_text(USE_MIRROR.format(root=str(ROOT), url=f"http://127.0.0.1:{server.server_port}/"))
         args = fast_args(tmp_path / f"fresh{nproc}", tmp_path / "runs" / f"run{nproc}")
         args.remove("--no-download")
-        try:
-            proc = torchrun(*args, script=script, nproc=nproc)
-            result = finish(proc)
-        finally:
-            server.shutdown()
-        assert result.returncode == 0, result.stderr
+        with mirror(served, counts[nproc]) as url:
+            if nproc == 1:  # in this process, with torchvision pointed at the mirror as USE_MIRROR points it
+                monkeypatch.setattr(torchvision.datasets.MNIST, "mirrors", [url])
+                resources = [(name, None) for name, _ in torchvision.datasets.MNIST.resources]
+                monkeypatch.setattr(torchvision.datasets.MNIST, "resources", resources)
+                assert train.main(args) == 0
+            else:
+                script = tmp_path / "train_from_mirror.py"
+                script.write_text(USE_MIRROR.format(root=str(ROOT), url=url))
+                result = finish(torchrun(*args, script=script, nproc=nproc))
+                assert result.returncode == 0, result.stderr
         assert (tmp_path / "runs" / f"run{nproc}" / "best.pt").is_file()
     # torchvision asks for each file more than once (it follows redirects with a GET first), hence the comparison.
     assert counts[2] == counts[1] and set(counts[1]) == {f"/{n}.gz" for names in RAW_FILES.values() for n in names}
@@ -286,21 +312,15 @@ def test_a_killed_worker_is_restarted_and_the_run_finishes(mnist_dir, tmp_path):
     assert [row["epoch"] for row in history] == [1, 2, 3]
 
 
-@pytest.mark.parametrize("first, then", [(1, 2), (2, 1)])
-def test_a_run_resumes_under_another_world_size(mnist_dir, tmp_path, first, then):
+@pytest.mark.parametrize("first", ["one_process", "two_processes"])
+def test_a_run_resumes_under_another_world_size(mnist_dir, tmp_path, request, two_epochs, first):
     """A run saved under N processes resumes under M with the same global batch, and ends where 1 process would."""
-
-    def run(nproc, run_dir, *extra):
-        args = fast_args(mnist_dir, run_dir, *UNEVEN, *extra)
-        if nproc == 1:
-            assert train.main(args) == 0
-        else:
-            result = finish(torchrun(*args, nproc=nproc))
-            assert result.returncode == 0, result.stderr[-3000:]
-
-    run(1, tmp_path / "reference")
-    run(1, tmp_path / "reference", "--epochs", 2, "--resume")
-    run(first, tmp_path / "mixed")
-    run(then, tmp_path / "mixed", "--epochs", 2, "--resume")
-    assert load_checkpoint(tmp_path / "mixed" / "last.pt")[1]["world_size"] == then
-    assert_close(weights(tmp_path / "mixed"), weights(tmp_path / "reference"))
+    saved = copy_run(request.getfixturevalue(first)[0], tmp_path)
+    args = [*fast_args(mnist_dir, saved, *UNEVEN), "--epochs", "2", "--resume"]
+    if first == "one_process":  # saved by 1 process, resumed by 2
+        result = finish(torchrun(*args))
+        assert result.returncode == 0, result.stderr[-3000:]
+    else:
+        assert train.main(args) == 0
+    assert load_checkpoint(saved / "last.pt")[1]["world_size"] == (2 if first == "one_process" else 1)
+    assert_close(weights(saved), weights(two_epochs))
