@@ -12,7 +12,9 @@ two pipelines are compared within the same run, because this machine is shared a
   (e) with --ddp, only: one process with 2 threads against torchrun's 2 processes with 1 thread each;
   (f) with --baseline REV, only: this version against REV, as ratios, interleaved seed by seed;
   (g) with --factors, only: the speed-up over the reference post split into its three factors, each
-      measured on its own: tensor-resident data, channels-last tensors, and batch 128 instead of 64.
+      measured on its own: tensor-resident data, channels-last tensors, and batch 128 instead of 64;
+  (h) with --busy, only: training images/s with 1 thread and with torch's default threads, on an idle
+      machine and beside one busy-looping process per CPU (a laptop busy with other work).
 """
 
 import argparse
@@ -359,6 +361,41 @@ def factor_rows(data_dir: str, repeats: int) -> list[tuple[str, str]]:
     return rows
 
 
+# --- (h) a busy machine -------------------------------------------------------------------
+
+
+def busy_rows(data_dir: str, repeats: int) -> list[tuple[str, str]]:
+    """(h): 1 thread against torch's default, idle and beside one spinning process per CPU, interleaved."""
+    cfg = Config()
+    splits = load_splits(data_dir, cfg.val_size, cfg.split_seed, download=False)
+    default, cpus = torch.get_num_threads(), len(os.sched_getaffinity(0))
+
+    def rate(threads: int) -> float:
+        torch.set_num_threads(threads)
+        return ours(splits["train"], cfg, 6_400)
+
+    rows = []
+    for hogs in (0, cpus):
+        spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(hogs)]
+        try:
+            runs = [(rate(1), rate(default)) for _ in range(repeats)]
+        finally:
+            for spinner in spinners:
+                spinner.kill()
+                spinner.wait()
+        where = "idle" if not hogs else f"beside {hogs} busy-looping processes"
+        rows += [
+            (f"{where}: train images/s, 1 thread", f"{statistics.median(r[0] for r in runs):,.0f}"),
+            (f"{where}: train images/s, {default} threads", f"{statistics.median(r[1] for r in runs):,.0f}"),
+            (
+                f"{where}: speed-up, 1 thread / {default} threads, same run",
+                f"{statistics.median(r[0] / r[1] for r in runs):.2f}x",
+            ),
+        ]
+    torch.set_num_threads(default)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=os.environ.get("MNIST_DATA_DIR", "data"))
@@ -376,8 +413,12 @@ def main() -> None:
     parser.add_argument(
         "--factors", action="store_true", help="measure only the speed-up over the reference, factor by factor"
     )
+    parser.add_argument("--busy", action="store_true", help="measure only 1 thread against the default, idle and busy")
     args = parser.parse_args()
 
+    if args.busy:
+        print_table(busy_rows(args.data_dir, args.repeats))
+        return
     if args.factors:
         print_table(factor_rows(args.data_dir, args.repeats))
         return

@@ -177,4 +177,4 @@ def test_augmentation_trains_at_least_as_well_on_real_mnist(real_run, tmp_path):
     on = json.loads((real_run / "metrics.json").read_text())
     off = json.loads((tmp_path / "off" / "metrics.json").read_text())
     assert load_checkpoint(real_run / "last.pt")[1]["config"]["augment"] is True and len(on["history"]) == 2
-    assert on["test_acc"] >= off["test_acc"]  # seed 0, 2 threads: 99.19% against 98.97%
+    assert on["test_acc"] >= off["test_acc"]  # seed 0, 1 thread: 99.09% against 99.04%
