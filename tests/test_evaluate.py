@@ -41,7 +41,8 @@ def test_evaluate_writes_every_figure_and_the_comparison(trained_run, fcnn_run, 
         f"confusion_{fcnn}.png",
         f"mistakes_{fcnn}.png",
     }
-    assert all(p.stat().st_size > 10_000 for p in tmp_path.iterdir())
+    # A drawn figure: the smallest, the strip of filters, is 9 KB with matplotlib 3.7 (13 KB with 3.11).
+    assert all(p.stat().st_size > 5_000 for p in tmp_path.iterdir())
     table = result.stdout[result.stdout.index("run ") :]
     assert f"{cnn}" in table and "8,490" in table and f"{784 * 32 + 32 + 330:,}" in table
 

@@ -141,14 +141,15 @@ def test_tensorboard_server_lists_the_runs_scalars(logged_run, tmp_path):
         text=True,
     )
     try:
-        url, deadline = None, time.monotonic() + 60
+        url, printed, deadline = None, [], time.monotonic() + 60
         while url is None and time.monotonic() < deadline:
             line = server.stdout.readline()
             if not line:
                 break
+            printed.append(line)
             found = re.search(r"(http://127\.0\.0\.1:\d+)/", line)
             url = found and found[1]
-        assert url, "tensorboard did not say where it serves"
+        assert url, "tensorboard did not say where it serves; it printed:\n" + "".join(printed[-20:])
         threading.Thread(target=server.stdout.read, daemon=True).start()  # a full pipe would stop the server
         tags = {}
         while "mine" not in tags and time.monotonic() < deadline:  # it loads the events in the background

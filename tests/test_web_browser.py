@@ -20,6 +20,7 @@ from PIL import Image
 
 import export
 import test_demo_browser
+from conftest import needs_real_data
 from drawn_digits import answer, draw, draw_digit, serve
 from test_demo_browser import DRAWINGS, open_page
 from test_web import needs_onnxruntime_web
@@ -169,6 +170,7 @@ def test_drawn_digits_on_the_static_page_are_prepared_as_prepare_digit_prepares_
     assert max(worst for *_, worst in DRAWN[chunk]) <= PIXEL_TOLERANCE, DRAWN[chunk]
 
 
+@needs_real_data  # as the chunks it judges skip without real MNIST (real_run)
 def test_drawn_digits_are_read_alike_in_the_browser_and_by_the_served_demo():
     """Of the 50 drawings above, the static page reads >= 95% right, the served demo >= 95%, and the two give the
     same digit for >= 98%."""
