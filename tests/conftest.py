@@ -144,8 +144,9 @@ PAUSED = "paused after step"
 
 
 def paused_at(step: int) -> dict:
-    """The environment that makes tests/train_paused.py pause after optimiser step `step`."""
-    return {**os.environ, "PAUSE_AFTER_STEP": str(step)}
+    """The environment that makes tests/train_paused.py pause after optimiser step `step`, training with one thread
+    as this process does, so that a run it leaves can resume here to bitwise the weights of an unbroken run here."""
+    return {**os.environ, "PAUSE_AFTER_STEP": str(step), "OMP_NUM_THREADS": "1"}
 
 
 def start(command, **popen) -> subprocess.Popen:
