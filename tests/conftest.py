@@ -1,13 +1,16 @@
 """Shared fixtures: tiny synthetic MNIST written in the real IDX format, so the real reading code runs."""
 
 import contextlib
+import functools
 import gzip
+import http.server
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Collection
 from pathlib import Path
 
@@ -252,3 +255,36 @@ def real_run(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("real") / "run"
     assert train.main(["--data-dir", str(REAL_DATA), *run_flags(run_dir), "--epochs", "2", "--no-download"]) == 0
     return run_dir
+
+
+class FolderHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves the folder it is given, without a log line per request, and counts the GET requests for each path."""
+
+    def __init__(self, *args, counts, **kwargs):
+        self.counts = counts
+        super().__init__(*args, **kwargs)
+
+    def do_GET(self):
+        self.counts[self.path] = self.counts.get(self.path, 0) + 1
+        super().do_GET()
+
+    def log_message(self, *args):  # one line per request on stderr would bury a failure's output
+        pass
+
+    def handle(self):
+        with contextlib.suppress(ConnectionResetError):  # torchvision closes its redirect probe without reading
+            super().handle()
+
+
+@contextlib.contextmanager
+def serve_folder(folder, counts: dict | None = None):
+    """Serve `folder` as `python -m http.server -d folder` does, on a free port of 127.0.0.1, from a thread, and
+    yield its URL; count the GET requests for each path in `counts`."""
+    handler = functools.partial(FolderHandler, directory=str(folder), counts={} if counts is None else counts)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/"
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -1,8 +1,5 @@
-import functools
 import gzip
-import http.server
 import shutil
-import threading
 
 import numpy as np
 import pytest
@@ -11,9 +8,17 @@ import torchvision
 
 import data
 from config import UserError
-from conftest import N_TEST, N_TRAIN, REAL_DATA, needs_real_data, synthetic_digits, write_idx, write_mnist
+from conftest import (
+    N_TEST,
+    N_TRAIN,
+    REAL_DATA,
+    needs_real_data,
+    serve_folder,
+    synthetic_digits,
+    write_idx,
+    write_mnist,
+)
 from data import ALL_FILES, MNIST_MEAN, MNIST_STD, RAW_FILES, MNISTData, load_split, load_splits
-from test_distributed import CountingHandler
 
 
 def test_splits_have_the_right_sizes_and_items(mnist_dir):
@@ -90,14 +95,10 @@ def half_mirror(tmp_path, monkeypatch):
     served = tmp_path / "mirror"
     served.mkdir()
     (served / f"{ALL_FILES[0]}.gz").write_bytes(gzip.compress(b"half a download"))
-    server = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), functools.partial(CountingHandler, directory=str(served), counts={})
-    )
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    monkeypatch.setattr(torchvision.datasets.MNIST, "mirrors", [f"http://127.0.0.1:{server.server_port}/"])
-    monkeypatch.setattr(torchvision.datasets.MNIST, "resources", [(f"{n}.gz", None) for n in ALL_FILES])
-    yield
-    server.shutdown()
+    with serve_folder(served) as url:
+        monkeypatch.setattr(torchvision.datasets.MNIST, "mirrors", [url])
+        monkeypatch.setattr(torchvision.datasets.MNIST, "resources", [(f"{n}.gz", None) for n in ALL_FILES])
+        yield
 
 
 def tree(root):

@@ -7,10 +7,7 @@ Skips outside CI when no Chromium is installed, as test_demo_browser.py does, or
 
 import base64
 import contextlib
-import functools
-import http.server
 import io
-import threading
 from urllib.parse import urlsplit
 
 import httpx
@@ -20,7 +17,7 @@ from PIL import Image
 
 import export
 import test_demo_browser
-from conftest import needs_real_data
+from conftest import needs_real_data, serve_folder
 from drawn_digits import answer, draw, draw_digit, serve
 from test_demo_browser import DRAWINGS, open_page
 from test_web import needs_onnxruntime_web
@@ -31,23 +28,6 @@ from test_web import needs_onnxruntime_web
 PIXEL_TOLERANCE = 16
 
 browser = test_demo_browser.browser  # the fixture: one Chromium for this module's pages
-
-
-@contextlib.contextmanager
-def static_server(folder):
-    """Serve `folder` as `python -m http.server -d folder` does, on a free port of 127.0.0.1, from a thread."""
-
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args):  # one line per request on stderr would bury a failure's output
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(folder)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/"
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def export_site(checkpoint, folder):
@@ -63,7 +43,7 @@ def static_page(browser, checkpoint, folder):
     request in page.requests; close the page and stop the server afterwards."""
     needs_onnxruntime_web()
     export_site(checkpoint, folder)
-    with static_server(folder) as url:
+    with serve_folder(folder) as url:
         page = open_page(browser, "about:blank")
         page.requests = []
         page.on("request", lambda request: page.requests.append(request))
