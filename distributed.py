@@ -90,6 +90,22 @@ def report_error(line: str) -> None:
             json.dump({"message": {"message": line, "extraInfo": {"timestamp": str(int(time.time()))}}}, f)
 
 
+# How long a rank other than 0 waits for torchrun to stop it after an error; past it, the rank ends anyway. Rank 0
+# meets the same error within as long as a busy machine takes to start it (40 s seen to import torch).
+OUTLIVE_SECONDS = 60
+
+
+def let_rank_0_say_it() -> None:
+    """On a rank other than 0, after a UserError: wait until torchrun stops this process, for rank 0 to say it.
+
+    Every rank meets a UserError alike: from the same flags, or raised on all (from_main, node_first,
+    agree_on_error, and the loss checks of train.py). Only rank 0 prints it. A rank that ended first made torchrun stop the others with SIGTERM, and on a busy machine
+    that came before rank 0 had printed (1 run in 10 beside three busy-looping processes): no rank said it."""
+    if world_size() > 1 and rank() != 0:
+        with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C reaches every process; rank 0 says what to do
+            time.sleep(OUTLIVE_SECONDS)
+
+
 def group_backend() -> str:
     """The process group's backend for each device type: gloo for the CPU, and torch's default for this machine's
     accelerator when it has one (nccl for CUDA, xccl for XPU, ...), as in "cpu:gloo,cuda:nccl".

@@ -103,6 +103,7 @@ def main(argv=None) -> int:
     except UserError as e:
         print0(f"error: {e}", file=sys.stderr)
         distributed.report_error(f"error: {e}")  # under torchrun, also in its failure report
+        distributed.let_rank_0_say_it()
         return 1 if isinstance(e, Diverged) else 2
     except KeyboardInterrupt:
         print0("interrupted before anything new was saved", file=sys.stderr)

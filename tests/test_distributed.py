@@ -2,16 +2,13 @@
 each with a timeout so that a hang fails fast."""
 
 import contextlib
-import functools
 import gzip
-import http.server
 import io
 import os
 import re
 import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -29,6 +26,7 @@ from conftest import (
     interrupt_when_paused,
     paused_at,
     run_flags,
+    serve_folder,
     start,
 )
 from data import RAW_FILES
@@ -161,10 +159,30 @@ def test_a_batch_size_the_world_does_not_divide_is_one_line(mnist_dir, tmp_path)
     assert errors == [
         "error: batch_size 51 is the whole batch of all 2 processes and must split evenly among them; "
         "pass a --batch-size that 2 divides"
-    ]
+    ], result.stderr
     assert not (tmp_path / "odd").exists()
     root_cause = result.stderr.split("Root Cause (first observed failure):", 1)[1]
     assert f"traceback : {errors[0]}\n" in root_cause and "To enable traceback" not in result.stderr
+
+
+SLOW_RANK_0 = """
+import os, sys, time
+sys.path.insert(0, {root!r})
+if os.environ["RANK"] == "0":
+    time.sleep(4)  # as on a busy machine: rank 1 reaches the error well before rank 0 does
+import config, train
+config.exit_script(train.main())
+"""
+
+
+def test_an_error_is_said_even_when_rank_0_reaches_it_last(tmp_path):
+    """A bad flag under torchrun is said once, by rank 0, even when rank 1 has met it seconds earlier."""
+    script = tmp_path / "slow_rank_0.py"
+    script.write_text(SLOW_RANK_0.format(root=str(ROOT)))
+    result = finish(torchrun("--lrr", "0.1", script=script), timeout=90)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: unknown option --lrr (did you mean --lr?)"), result.stderr
 
 
 def test_a_data_error_ends_every_rank_with_one_line(tmp_path):
@@ -173,41 +191,6 @@ def test_a_data_error_ends_every_rank_with_one_line(tmp_path):
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "MNIST is not in" in errors[0]
-
-
-class CountingHandler(http.server.SimpleHTTPRequestHandler):
-    """Serves the folder it is given and counts the GET requests for each file."""
-
-    def __init__(self, *args, counts, **kwargs):
-        self.counts = counts
-        super().__init__(*args, **kwargs)
-
-    def do_GET(self):
-        self.counts[self.path] = self.counts.get(self.path, 0) + 1
-        super().do_GET()
-
-    def log_message(self, *args):
-        pass
-
-    def handle(self):
-        with contextlib.suppress(
-            ConnectionResetError
-        ):  # torchvision closes its redirect probe without reading the body
-            super().handle()
-
-
-@contextlib.contextmanager
-def mirror(folder, counts):
-    """Serve `folder` on a free port of 127.0.0.1 as a download mirror, counting the requests in `counts`."""
-    server = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), functools.partial(CountingHandler, directory=str(folder), counts=counts)
-    )
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}/"
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 USE_MIRROR = """
@@ -231,7 +214,7 @@ def test_only_one_process_per_machine_downloads(mnist_dir, tmp_path, monkeypatch
     for nproc in (1, 2):
         args = fast_args(tmp_path / f"fresh{nproc}", tmp_path / "runs" / f"run{nproc}")
         args.remove("--no-download")
-        with mirror(served, counts[nproc]) as url:
+        with serve_folder(served, counts[nproc]) as url:
             if nproc == 1:  # in this process, with torchvision pointed at the mirror as USE_MIRROR points it
                 monkeypatch.setattr(torchvision.datasets.MNIST, "mirrors", [url])
                 resources = [(name, None) for name, _ in torchvision.datasets.MNIST.resources]
