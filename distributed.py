@@ -96,12 +96,14 @@ OUTLIVE_SECONDS = 60
 
 
 def let_rank_0_say_it() -> None:
-    """On a rank other than 0, after a UserError: wait until torchrun stops this process, for rank 0 to say it.
+    """On a rank other than 0, but on rank 0's machine, after an error: wait until torchrun stops this process.
 
-    Every rank meets a UserError alike: from the same flags, or raised on all (from_main, node_first,
-    agree_on_error, and the loss checks of train.py). Only rank 0 prints it. A rank that ended first made torchrun stop the others with SIGTERM, and on a busy machine
-    that came before rank 0 had printed (1 run in 10 beside three busy-looping processes): no rank said it."""
-    if world_size() > 1 and rank() != 0:
+    Only rank 0 prints a UserError, which every rank meets alike (from the same flags, or raised on all by
+    from_main, node_first, agree_on_error and train.py's loss checks); one that rank 0 meets alone (saving, the
+    test) ends the others' collectives, and they say they lost it. A rank that ended first made torchrun stop
+    rank 0 with SIGTERM, and on a busy machine that came before rank 0 had printed (1 run in 10 beside three
+    busy-looping processes). The torchrun of another machine does not stop rank 0, so its ranks end at once."""
+    if world_size() > 1 and rank() != 0 and rank() == local_rank():
         with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C reaches every process; rank 0 says what to do
             time.sleep(OUTLIVE_SECONDS)
 

@@ -116,6 +116,7 @@ def main(argv=None) -> int:
         line = f"error: process {distributed.rank()} lost the other processes of this run ({reason})"
         print(line, file=sys.stderr)
         distributed.report_error(line)
+        distributed.let_rank_0_say_it()  # rank 0 may be saying why it left
         return 1
 
 
