@@ -35,8 +35,7 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
-import config
-from config import Config, Parser, UserError
+from config import Config, Parser, UserError, exit_script
 from digits import NoDigit, prepare_digit
 from model import load_checkpoint, predict
 from rundir import describe_checkpoint, find_checkpoint
@@ -239,4 +238,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    config.exit_script(main())
+    exit_script(main())

@@ -9,9 +9,8 @@ import statistics
 import sys
 from pathlib import Path
 
-import config
 import plots
-from config import Config, Parser, UserError
+from config import Config, Parser, UserError, exit_script
 from data import MNISTData, load_split
 from metrics import confusion_matrix, per_class, scores
 from model import count_parameters, load_checkpoint, model_logits
@@ -180,4 +179,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    config.exit_script(main())
+    exit_script(main())

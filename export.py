@@ -30,8 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-import config
-from config import Config, Parser, UserError
+from config import Config, Parser, UserError, exit_script
 from data import MNIST_MEAN, MNIST_STD, RAW_FILES, find_files, load_split
 from model import MEMORY_FORMAT, load_checkpoint, model_logits
 from rundir import atomic_write, describe_checkpoint, find_checkpoint
@@ -352,4 +351,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    config.exit_script(main())
+    exit_script(main())

@@ -13,8 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-import config
-from config import Config, Parser, UserError
+from config import Config, Parser, UserError, exit_script
 from digits import prepare_digit
 from model import load_checkpoint, predict
 from rundir import describe_checkpoint, find_checkpoint
@@ -82,4 +81,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    config.exit_script(main())
+    exit_script(main())

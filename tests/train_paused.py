@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+import config
 import distributed
 import train
 
@@ -41,4 +42,4 @@ def pause(optimizer, args, kwargs) -> None:
 
 
 register_optimizer_step_post_hook(pause)
-sys.exit(train.main())
+config.exit_script(train.main())
