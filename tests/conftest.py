@@ -288,3 +288,12 @@ def serve_folder(folder, counts: dict | None = None):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def use_mirror(monkeypatch, url: str) -> None:
+    """Point torchvision's MNIST download at the mirror `url` for this test, with no checksums for its files."""
+    import torchvision
+
+    monkeypatch.setattr(torchvision.datasets.MNIST, "mirrors", [url])
+    resources = [(name, None) for name, _ in torchvision.datasets.MNIST.resources]
+    monkeypatch.setattr(torchvision.datasets.MNIST, "resources", resources)

@@ -15,6 +15,7 @@ from conftest import (
     needs_real_data,
     serve_folder,
     synthetic_digits,
+    use_mirror,
     write_idx,
     write_mnist,
 )
@@ -96,8 +97,7 @@ def half_mirror(tmp_path, monkeypatch):
     served.mkdir()
     (served / f"{ALL_FILES[0]}.gz").write_bytes(gzip.compress(b"half a download"))
     with serve_folder(served) as url:
-        monkeypatch.setattr(torchvision.datasets.MNIST, "mirrors", [url])
-        monkeypatch.setattr(torchvision.datasets.MNIST, "resources", [(f"{n}.gz", None) for n in ALL_FILES])
+        use_mirror(monkeypatch, url)
         yield
 
 

@@ -1,5 +1,5 @@
-"""torchrun and DistributedDataParallel: real torchrun processes on the synthetic data, on loopback,
-each with a timeout so that a hang fails fast."""
+"""torchrun and DistributedDataParallel: real torchrun processes on the synthetic data, on loopback, each with a
+timeout so that a hang fails fast; the one-process runs they are compared with train in this process."""
 
 import contextlib
 import gzip
@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torchvision
 
 import train
 from conftest import (
@@ -28,6 +27,7 @@ from conftest import (
     run_flags,
     serve_folder,
     start,
+    use_mirror,
 )
 from data import RAW_FILES
 from model import load_checkpoint
@@ -197,10 +197,11 @@ USE_MIRROR = """
 import sys
 sys.path.insert(0, {root!r})
 import torchvision
+import config
 torchvision.datasets.MNIST.mirrors = [{url!r}]  # the test's server on loopback; no checksums for its files
 torchvision.datasets.MNIST.resources = [(name, None) for name, _ in torchvision.datasets.MNIST.resources]
 import train
-sys.exit(train.main())
+config.exit_script(train.main())
 """
 
 
@@ -216,9 +217,7 @@ def test_only_one_process_per_machine_downloads(mnist_dir, tmp_path, monkeypatch
         args.remove("--no-download")
         with serve_folder(served, counts[nproc]) as url:
             if nproc == 1:  # in this process, with torchvision pointed at the mirror as USE_MIRROR points it
-                monkeypatch.setattr(torchvision.datasets.MNIST, "mirrors", [url])
-                resources = [(name, None) for name, _ in torchvision.datasets.MNIST.resources]
-                monkeypatch.setattr(torchvision.datasets.MNIST, "resources", resources)
+                use_mirror(monkeypatch, url)
                 assert train.main(args) == 0
             else:
                 script = tmp_path / "train_from_mirror.py"
