@@ -34,7 +34,7 @@ import rundir
 import tblog
 from config import Config, UserError
 from data import MNIST_MEAN, MNIST_STD, MNISTData, epoch_order, load_splits
-from devices import amp_dtype, pick_device
+from devices import amp_dtype, busy_cpu_note, pick_device
 from distributed import print0
 from metrics import scores
 from model import (
@@ -47,6 +47,7 @@ from model import (
     rebuild_model,
     save_checkpoint,
 )
+from progress import Progress
 from rundir import atomic_write
 
 # Settings that --resume may change: they say where things are, how far to go, or how fast,
@@ -147,7 +148,8 @@ def resume_point(cfg: Config, argv) -> tuple[Config, dict | None]:
     finished = saved["epoch"] >= cfg.epochs and best.is_file() and "test_acc" in read_checkpoint(best)
     if finished and not distributed.restarts():  # a restarted group finishes its job again, to end with exit code 0
         raise UserError(
-            f"run {run_dir} is finished: it trained all {saved['epoch']} epochs and was tested; to train "
+            f"run {run_dir} is finished: it trained {'all ' * (saved['epoch'] > 1)}{saved['epoch']} "
+            f"epoch{'s' * (saved['epoch'] != 1)} and was tested; to train "
             f"on, add --epochs N with N > {saved['epoch']} (the schedule stretches to the new end)"
         )
     return cfg, saved
@@ -230,7 +232,10 @@ def setup(cfg: Config, run_dir: Path, device: torch.device, saved: dict | None, 
             f"among them; pass a --batch-size that {world} divides"
         )
     print0("config: " + " ".join(f"{k}={v}" for k, v in asdict(cfg).items()))
-    print0(f"device: {device}, {world} process{'es' if world > 1 else ''} x {torch.get_num_threads()} threads")
+    threads = torch.get_num_threads()
+    print0(f"device: {device}, {world} process{'es' * (world > 1)} x {threads} thread{'s' * (threads > 1)}")
+    if distributed.is_main() and (note := busy_cpu_note(device)):
+        print(note)
     torch.manual_seed(cfg.seed)  # the weight initialisation; nothing draws from the global RNG after it
 
     splits = distributed.node_first(lambda: load_splits(cfg.data_dir, cfg.val_size, cfg.split_seed, cfg.download))
@@ -357,13 +362,7 @@ def train_epoch(state: State, epoch: int, stop_requested) -> dict:
     correct = torch.tensor(before["correct"], device=device)
     seen, step = before["seen"], state.record["epoch_progress"]["step"]
     autocast_dtype = amp_dtype(device)
-    bar = tqdm(
-        total=steps,
-        initial=step,
-        desc=f"epoch {epoch + 1}/{cfg.epochs}",
-        leave=False,
-        disable=None if distributed.is_main() else True,
-    )
+    bar = Progress(steps, step, f"epoch {epoch + 1}/{cfg.epochs}", enabled=distributed.is_main())
     for images, labels in split.batches(cfg.batch_size, order, start=step, rank=rank, world=world):
         # This rank's share may be empty: the last batch can hold fewer images than there are processes.
         batch_size = min(cfg.batch_size, len(split) - step * cfg.batch_size)  # the whole batch, over all ranks
@@ -385,7 +384,6 @@ def train_epoch(state: State, epoch: int, stop_requested) -> dict:
         loss_sum += batch_loss.detach()
         correct += (logits.argmax(dim=1) == labels).sum()
         seen, step = seen + len(labels), step + 1
-        bar.update()
         if scheduler.last_epoch % cfg.log_every == 0:  # last_epoch counts optimiser steps, across epochs and resumes
             # The whole batch's mean loss, summed over the ranks' shares: what one process would log.
             (whole_batch_loss,) = distributed.sum_all(batch_loss)
@@ -397,6 +395,7 @@ def train_epoch(state: State, epoch: int, stop_requested) -> dict:
                 acc=f"{correct.item() / max(seen, 1):.2%}",
                 lr=f"{scheduler.get_last_lr()[0]:.4f}",
             )
+        bar.update()  # after the figures, so that a plain progress line shows this step's
         # Every rank stops after the same step. Agreeing costs a collective, so several processes ask only
         # every few steps: at every step, 2 processes ran at 0.72x of one at batch 128 instead of 0.78x.
         if step % distributed.STOP_CHECK_EVERY == 0 and distributed.any_rank(stop_requested(), device):

@@ -26,8 +26,10 @@ from data import RAW_FILES
 # The tests that train in this process use one thread, so that the suite also passes on a busy machine: beside
 # one busy-looping process per core, torch's default threads wait for each other at every step, and a 2-thread
 # step took 11x as long as a 1-thread one (idle, 1 thread is 0.73x as fast; `benchmarks/speed.py --busy`).
-# Scripts that the tests start as processes keep torch's default, as users run them.
+# The scripts they start as processes do too (OMP_NUM_THREADS), which also keeps train.py's busy-CPU note, which
+# depends on the machine's load, out of their output.
 torch.set_num_threads(1)
+os.environ["OMP_NUM_THREADS"] = "1"
 
 # Real MNIST for the real-data checks: $MNIST_DATA_DIR, else the shared copy beside the repo.
 REAL_DATA = Path(os.environ.get("MNIST_DATA_DIR", ROOT.parent / "shared" / "data"))

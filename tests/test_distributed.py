@@ -99,7 +99,7 @@ def test_two_processes_follow_the_one_process_trajectory(one_process, two_proces
     assert_close(weights(two_dir), weights(run_dir))
     assert rows(result.stdout) == rows(single_out) and len(rows(result.stdout)) == 1
     assert result.stdout.count("test: loss") == 1 and result.stdout.count("config:") == 1
-    assert "device: cpu, 2 processes x 1 threads" in result.stdout  # torchrun's OMP_NUM_THREADS=1, respected
+    assert "device: cpu, 2 processes x 1 thread" in result.stdout  # conftest's OMP_NUM_THREADS=1, which torchrun keeps
     assert [p.name for p in two_dir.parent.iterdir()] == ["run"]
     assert len(event_writers(two_dir)) == 1  # rank 0 alone logs
 
