@@ -53,8 +53,10 @@ STATIC = ROOT / "static"
 ORT_WEB = ROOT / "node_modules" / "onnxruntime-web"
 # The static site: every file the page loads, and nothing else. The page is the demo's (static/); classify.js
 # comes from static/browser/, where the answers come from the model in the browser instead of POST /predict.
-# Of onnxruntime-web only the WebAssembly backend: ort.wasm.min.js loads the .mjs, which loads the .wasm
-# (the WebGPU/JSEP, JSPI and asyncify builds are as large again each, and the page never asks for them).
+# Of onnxruntime-web only the WebAssembly backend: ort.wasm.min.js loads the glue module, which loads the .wasm
+# (the WebGPU/JSEP, JSPI and asyncify builds are as large again each, and the page never asks for them). The glue
+# module ships as .js, not .mjs: nginx's stock mime.types (Debian's 1.22, upstream's too) has no .mjs, so it would
+# be sent as application/octet-stream, and browsers run no module of that type. worker.js names it for onnxruntime.
 SITE = {
     "index.html": STATIC / "index.html",
     "demo.css": STATIC / "demo.css",
@@ -63,7 +65,7 @@ SITE = {
     "worker.js": STATIC / "browser" / "worker.js",
     "prepare.js": STATIC / "browser" / "prepare.js",
     "ort.wasm.min.js": ORT_WEB / "dist" / "ort.wasm.min.js",
-    "ort-wasm-simd-threaded.mjs": ORT_WEB / "dist" / "ort-wasm-simd-threaded.mjs",
+    "ort-wasm-simd-threaded.js": ORT_WEB / "dist" / "ort-wasm-simd-threaded.mjs",
     "ort-wasm-simd-threaded.wasm": ORT_WEB / "dist" / "ort-wasm-simd-threaded.wasm",
 }
 MODEL_FILE = "model.onnx"  # the one file of the site that export.py makes rather than copies

@@ -98,14 +98,14 @@ def test_a_users_file_with_a_site_files_name_is_refused_in_one_line(run_export, 
 
 
 def test_the_site_holds_the_pages_files_and_a_manifest_of_them(run_export, trained_run, tmp_path):
-    """The site is the page's files, onnxruntime-web's WebAssembly backend and model.onnx, and a manifest giving
-    each one's sha256: nothing else, no temporary folder."""
+    """The site is the page's files, onnxruntime-web's WebAssembly backend (its glue module named .js, a type every
+    host knows) and model.onnx, and a manifest giving each one's sha256: nothing else, no temporary folder."""
     needs_onnxruntime_web()
     result = run_export(checkpoint_in(trained_run, tmp_path / "run"), "--format", "web", "--out", tmp_path / "web")
     assert result.returncode == 0, result.stderr
     names = {p.name for p in (tmp_path / "web").iterdir()}
     assert names == {*export.SITE, export.MODEL_FILE, export.MANIFEST}
-    assert not any(name.endswith(".map") or "jsep" in name or "webgpu" in name for name in names)
+    assert not any(name.endswith((".mjs", ".map")) or "jsep" in name or "webgpu" in name for name in names)
     assert (tmp_path / "web" / "index.html").read_bytes() == (export.STATIC / "index.html").read_bytes()
     manifest = json.loads((tmp_path / "web" / export.MANIFEST).read_text())
     assert manifest["files"] == {name: export.sha256(tmp_path / "web" / name) for name in names - {export.MANIFEST}}
