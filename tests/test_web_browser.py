@@ -180,20 +180,7 @@ def http_server(folder):
         yield f"{url}{Path(folder).name}/"
 
 
-@pytest.mark.parametrize("host", [nginx, http_server], ids=["nginx", "http.server"])
-def test_the_site_reads_a_drawing_where_people_host_it(browser, synthetic_site, host):
-    """Served under a sub-path by Debian's nginx with its stock mime.types, and by Python's http.server, the page
-    loads onnxruntime-web and the model and reads a drawn digit."""
-    with host(synthetic_site.folder) as url:
-        page = open_page(browser, url)
-        try:
-            draw(page, [[(100, 60), (90, 230)]], page.locator("#pad").bounding_box())
-            assert answer(page) in list("0123456789"), page.text_content("#message")
-        finally:
-            page.close()
-
-
-GLUE = "ort-wasm-simd-threaded.js"  # onnxruntime-web's glue module, which the worker imports
+GLUE, WASM = "ort-wasm-simd-threaded.js", "ort-wasm-simd-threaded.wasm"  # onnxruntime-web's, which the worker loads
 
 
 class Misconfigured(http.server.SimpleHTTPRequestHandler):
@@ -217,6 +204,36 @@ class Misconfigured(http.server.SimpleHTTPRequestHandler):
         pass
 
 
+@contextlib.contextmanager
+def misconfigured(folder, missing=(), types=None):
+    """Serve `folder` with the Misconfigured handler on a free port of 127.0.0.1, from a thread; yield its URL."""
+    handler = functools.partial(Misconfigured, directory=str(folder), missing=missing, types=types)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize(
+    "host",
+    [nginx, http_server, functools.partial(misconfigured, types={WASM: "application/octet-stream"})],
+    ids=["nginx", "http.server", "a host that knows no .wasm"],
+)
+def test_the_site_reads_a_drawing_where_people_host_it(browser, synthetic_site, host):
+    """Served under a sub-path by Debian's nginx with its stock mime.types and by Python's http.server, and by a
+    host that sends .wasm as application/octet-stream, the page loads onnxruntime-web and reads a drawn digit."""
+    with host(synthetic_site.folder) as url:
+        page = open_page(browser, url)
+        try:
+            draw(page, [[(100, 60), (90, 230)]], page.locator("#pad").bounding_box())
+            assert answer(page) in list("0123456789"), page.text_content("#message")
+        finally:
+            page.close()
+
+
 @pytest.mark.parametrize(
     "host, said",
     [({"missing": [GLUE]}, ["404", GLUE]), ({"types": {GLUE: "application/octet-stream"}}, [GLUE, "octet-stream"])],
@@ -226,19 +243,15 @@ def test_a_host_that_fails_the_page_is_told_what_it_did_wrong(browser, synthetic
     """When the host does not send a file that onnxruntime-web needs, or sends its glue script with a type that
     browsers do not run, the page's message names the file and what the server did."""
     assert GLUE in export.SITE
-    handler = functools.partial(Misconfigured, directory=str(synthetic_site.folder), **host)
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    page = open_page(browser, f"http://127.0.0.1:{server.server_port}/")
-    try:
-        draw(page, [[(100, 60), (90, 230)]], page.locator("#pad").bounding_box())
-        assert answer(page) == ""
-        message = page.text_content("#message")
-        assert all(words in message for words in said), message
-    finally:
-        page.close()
-        server.shutdown()
-        server.server_close()
+    with misconfigured(synthetic_site.folder, **host) as url:
+        page = open_page(browser, url)
+        try:
+            draw(page, [[(100, 60), (90, 230)]], page.locator("#pad").bounding_box())
+            assert answer(page) == ""
+            message = page.text_content("#message")
+            assert all(words in message for words in said), message
+        finally:
+            page.close()
 
 
 # --- how well it reads drawn digits, against the served demo ---------------------------------
