@@ -324,15 +324,15 @@ def check_site_folder(folder: Path, checkpoint: Path) -> None:
         raise UserError(f"cannot write the site to {folder}: it is a link to a folder that does not exist; make it")
     if checkpoint.resolve().is_relative_to(folder.resolve()):
         raise UserError(
-            f"--out {folder} holds the checkpoint, and a site is made to be published; pass another folder, "
+            f"--out {folder} holds the checkpoint, which would be published with the site; pass another folder, "
             f"such as {checkpoint.parent / 'web'}"
         )
     below = [path for path in folder.iterdir() if path.is_dir()] if folder.is_dir() else []
     run = next((d for d in (folder, *below) if any((d / name).exists() for name in RUN_FILES)), None)
     if run is not None:
         raise UserError(
-            f"--out {folder} holds a run folder ({run}), and a site is made to be published; pass another folder, "
-            f"such as {checkpoint.parent / 'web'}"
+            f"--out {folder} holds a run folder ({run}), which would be published with the site; pass another "
+            f"folder, such as {checkpoint.parent / 'web'}"
         )
     if folder.is_dir():
         check_site_files(folder, read_manifest(folder))
@@ -343,7 +343,9 @@ def check_site_folder(folder: Path, checkpoint: Path) -> None:
 
 
 def write_manifest(folder: Path, manifest: dict) -> None:
-    atomic_write(folder / MANIFEST, json.dumps({"written_by": "python export.py --format web", **manifest}).encode())
+    atomic_write(
+        folder / MANIFEST, json.dumps({"written_by": "python export.py --format web", **manifest}, indent=1).encode()
+    )
 
 
 def write_site(folder: Path, model: bytes) -> int:

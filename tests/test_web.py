@@ -55,25 +55,28 @@ def test_missing_onnxruntime_web_names_the_command(run_export, trained_run, tmp_
         "under a file",
         "the checkpoint's folder",
         "a link to it",
+        "a link to nothing",
         "a folder above the checkpoint",
         "a folder of runs",
         "another run's folder",
     ],
 )
 def test_an_output_folder_that_cannot_be_written_is_one_line(run_export, trained_run, tmp_path, where):
-    """--out that is a file, lies under one, holds the checkpoint (through a link too; a checkpoint of any name, at
-    any depth) or holds a run folder (a folder with a best.pt, last.pt or metrics.json): one line naming it, and
-    nothing touched."""
+    """--out that is a file, lies under one, is a link to nothing, holds the checkpoint (through a link too; a
+    checkpoint of any name, at any depth) or holds a run folder (a folder with a best.pt, last.pt or metrics.json):
+    one line naming it, and nothing touched."""
     checkpoint = checkpoint_in(trained_run, tmp_path / "models" / "mnist")
     checkpoint = checkpoint.rename(checkpoint.with_name("cnn.pt"))  # not a run's file name: only the first guard
     (tmp_path / "notes.txt").write_text("keep me")
     run = checkpoint_in(trained_run, tmp_path / "runs" / "exp1").parent
     (tmp_path / "link").symlink_to(checkpoint.parent)
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
     out = {
         "file": tmp_path / "notes.txt",
         "under a file": tmp_path / "notes.txt" / "web",
         "the checkpoint's folder": checkpoint.parent,
         "a link to it": tmp_path / "link",
+        "a link to nothing": tmp_path / "dangling",
         "a folder above the checkpoint": tmp_path / "models",
         "a folder of runs": run.parent,
         "another run's folder": run,
