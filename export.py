@@ -14,12 +14,16 @@ checkpoint's; a file that disagrees is not written.
 --format web writes a folder that any static server can serve: the demo's page (static/), with
 static/browser/'s classify.js in place of the server's, the verified ONNX file as model.onnx, and
 onnxruntime-web's WebAssembly backend from node_modules/ (`npm ci` installs it, pinned by package-lock.json).
+It writes into the folder and records its files in a manifest there (.web-export.json, as pip's RECORD does):
+a later export replaces those files and no others, so a .git, a CNAME or a README beside them stays.
 """
 
 import hashlib
 import importlib
 import io
 import json
+import os
+import secrets
 import shutil
 import sys
 import tempfile
@@ -33,7 +37,7 @@ from torch import nn
 from config import Config, Parser, UserError, exit_script
 from data import MNIST_MEAN, MNIST_STD, RAW_FILES, find_files, load_split
 from model import MEMORY_FORMAT, load_checkpoint, model_logits
-from rundir import atomic_write, describe_checkpoint, find_checkpoint
+from rundir import RUN_FILES, atomic_write, describe_checkpoint, find_checkpoint
 
 FORMATS = {"onnx": ".onnx", "pt2": ".pt2"}
 # The largest |logit difference| from the checkpoint that counts as the same model. Float32 sums in another
@@ -49,8 +53,10 @@ STATIC = ROOT / "static"
 ORT_WEB = ROOT / "node_modules" / "onnxruntime-web"
 # The static site: every file the page loads, and nothing else. The page is the demo's (static/); classify.js
 # comes from static/browser/, where the answers come from the model in the browser instead of POST /predict.
-# Of onnxruntime-web only the WebAssembly backend: ort.wasm.min.js loads the .mjs, which loads the .wasm
-# (the WebGPU/JSEP, JSPI and asyncify builds are as large again each, and the page never asks for them).
+# Of onnxruntime-web only the WebAssembly backend: ort.wasm.min.js loads the glue module, which loads the .wasm
+# (the WebGPU/JSEP, JSPI and asyncify builds are as large again each, and the page never asks for them). The glue
+# module ships as .js, not .mjs: nginx's stock mime.types (Debian's 1.22, upstream's too) has no .mjs, so it would
+# be sent as application/octet-stream, and browsers run no module of that type. worker.js names it for onnxruntime.
 SITE = {
     "index.html": STATIC / "index.html",
     "demo.css": STATIC / "demo.css",
@@ -59,10 +65,21 @@ SITE = {
     "worker.js": STATIC / "browser" / "worker.js",
     "prepare.js": STATIC / "browser" / "prepare.js",
     "ort.wasm.min.js": ORT_WEB / "dist" / "ort.wasm.min.js",
-    "ort-wasm-simd-threaded.mjs": ORT_WEB / "dist" / "ort-wasm-simd-threaded.mjs",
+    "ort-wasm-simd-threaded.js": ORT_WEB / "dist" / "ort-wasm-simd-threaded.mjs",
     "ort-wasm-simd-threaded.wasm": ORT_WEB / "dist" / "ort-wasm-simd-threaded.wasm",
 }
 MODEL_FILE = "model.onnx"  # the one file of the site that export.py makes rather than copies
+# The files an export wrote into its folder, by name, with their sha256: only these does a later export replace
+# or remove. While an export is under way it also names the export's staging folder and the files it will write.
+MANIFEST = ".web-export.json"
+STAGING = ".web-export."  # the prefix of that staging folder, made inside the site's folder
+# A site that export.py wrote before it kept a manifest is recognised only as exactly these files, nothing beside
+# them, with export.py's own model.onnx among them (its bytes hold INPUT and a checkpoint_sha256, see metadata()).
+# Any other folder without a manifest is taken as the user's: a site file's name in it is refused, not replaced.
+LEGACY_SITE = {
+    *("index.html", "demo.css", "demo.js", "classify.js", "worker.js", "prepare.js", "model.onnx"),
+    *("ort.wasm.min.js", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm"),
+}
 
 
 class Exported(nn.Module):
@@ -223,46 +240,178 @@ def check_writable(path: Path, checkpoint: Path) -> None:
         raise UserError(f"cannot write {path} ({e.strerror}); pass --out with a path in a writable folder") from None
 
 
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def legacy_files(folder: Path) -> dict[str, str]:
+    """The files of a site that export.py wrote before it kept a manifest, with their sha256, if `folder` holds
+    exactly LEGACY_SITE, as files, and export.py's model.onnx among them; else {}."""
+    if not folder.is_dir() or {p.name for p in folder.iterdir()} != LEGACY_SITE:
+        return {}
+    if any(path.is_symlink() or not path.is_file() for path in (folder / name for name in LEGACY_SITE)):
+        return {}
+    model = (folder / MODEL_FILE).read_bytes()  # protobuf keeps metadata()'s strings as plain UTF-8 bytes
+    if INPUT.encode() not in model or b"checkpoint_sha256" not in model:
+        return {}
+    return {name: sha256(folder / name) for name in LEGACY_SITE}
+
+
+def read_manifest(folder: Path) -> dict:
+    """The manifest in `folder`: {"files": {name: sha256}} for the files an earlier export wrote there, and, if an
+    export was stopped under way, "pending": {"folder": its staging folder, "files": the files it was writing}.
+    Without a manifest: the files of a site from before manifests (legacy_files), else none."""
+    path = folder / MANIFEST
+    if not path.exists() and not path.is_symlink():
+        return {"files": legacy_files(folder)}
+    try:
+        manifest = json.loads(path.read_text())
+        pending = manifest.get("pending", {"folder": STAGING, "files": {}})
+        tables = (manifest["files"], pending["files"])
+        valid = (
+            all(isinstance(t, dict) for t in tables)
+            and all(isinstance(n, str) and isinstance(h, str) for t in tables for n, h in t.items())
+            and all(n and n == Path(n).name and not n.startswith(".") for t in tables for n in t)  # plain names
+            and isinstance(pending["folder"], str)
+            and pending["folder"].startswith(STAGING)
+            and "/" not in pending["folder"]
+        )
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
+        valid = False
+    if not valid:
+        raise UserError(
+            f"{path} is not a manifest that export.py wrote, so it cannot tell which files there are an earlier "
+            "export's; remove it and the site's files by hand, or pass --out with another folder"
+        )
+    return manifest
+
+
+def check_site_files(folder: Path, manifest: dict) -> dict[str, str]:
+    """The sha256 of each file in `folder` that an earlier export wrote, by name. Refuses, naming it, a file there
+    that the export would overwrite or remove but that the manifest does not prove an earlier export wrote:
+    one it does not list (a user's own index.html), or one changed since."""
+    ours: dict[str, set[str]] = {}  # a name may have two hashes after an export was killed while moving files in
+    for table in (manifest["files"], manifest.get("pending", {}).get("files", {})):
+        for name, digest in table.items():
+            ours.setdefault(name, set()).add(digest)
+    current = {}
+    for name in sorted({*SITE, MODEL_FILE, *ours}):
+        path = folder / name
+        if not path.exists() and not path.is_symlink():
+            continue
+        if name not in ours:
+            raise UserError(
+                f"{path} is not a file that an earlier export wrote (it is not in {folder / MANIFEST}), and the "
+                "export would overwrite it; move it away, or pass --out with another folder"
+            )
+        if path.is_symlink() or not path.is_file() or (digest := sha256(path)) not in ours[name]:
+            raise UserError(
+                f"{path} has changed since an earlier export wrote it, and the export would "
+                f"{'overwrite' if name in SITE or name == MODEL_FILE else 'remove'} it; move it away, or pass --out "
+                "with another folder"
+            )
+        current[name] = digest
+    return current
+
+
 def check_site_folder(folder: Path, checkpoint: Path) -> None:
-    """Fail now if the site cannot go to `folder`: a file is there, a folder other than an earlier site
-    (whose files export.py would delete), or one whose parent cannot be written."""
+    """Fail now, before the export's seconds, if the site cannot go to `folder`: it is a file or a broken link, it
+    holds the checkpoint or a run folder, a file there that the export would replace is not an earlier export's
+    (check_site_files), or it cannot be written."""
     if folder.is_file():
         raise UserError(f"cannot write the site to {folder}: it is a file; pass --out with a folder name")
-    if folder.is_dir() and any(folder.iterdir()) and not (folder / MODEL_FILE).is_file():
-        raise UserError(
-            f"{folder} is a folder that holds something other than an earlier web export, and the export would "
-            "replace it; pass --out with a new or empty folder"
-        )
+    if folder.is_symlink() and not folder.exists():
+        raise UserError(f"cannot write the site to {folder}: it is a link to a folder that does not exist; make it")
     if checkpoint.resolve().is_relative_to(folder.resolve()):
-        raise UserError(f"--out {folder} holds the checkpoint, and the export would replace it; pass another folder")
+        raise UserError(
+            f"--out {folder} holds the checkpoint, which would be published with the site; pass another folder, "
+            f"such as {checkpoint.parent / 'web'}"
+        )
+    below = [path for path in folder.iterdir() if path.is_dir()] if folder.is_dir() else []
+    run = next((d for d in (folder, *below) if any((d / name).exists() for name in RUN_FILES)), None)
+    if run is not None:
+        raise UserError(
+            f"--out {folder} holds a run folder ({run}), which would be published with the site; pass another "
+            f"folder, such as {checkpoint.parent / 'web'}"
+        )
+    if folder.is_dir():
+        check_site_files(folder, read_manifest(folder))
     try:
-        tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{folder.name}.").cleanup()
+        tempfile.TemporaryDirectory(dir=folder if folder.is_dir() else folder.parent, prefix=STAGING).cleanup()
     except OSError as e:
         raise UserError(f"cannot write {folder} ({e.strerror}); pass --out with a folder in a writable place") from None
 
 
+def write_manifest(folder: Path, manifest: dict) -> None:
+    atomic_write(
+        folder / MANIFEST, json.dumps({"written_by": "python export.py --format web", **manifest}, indent=1).encode()
+    )
+
+
 def write_site(folder: Path, model: bytes) -> int:
-    """Write the static site to `folder` and return its size in bytes. It is built in a temporary folder beside
-    `folder` and renamed into place, so a failure leaves the earlier site (or nothing), never half of one."""
-    building = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-    old = None
+    """Write the static site into `folder` (made if it is not there) and return the size of its files in bytes.
+
+    Only files that the folder's manifest proves an earlier export wrote are replaced or removed (check_site_files):
+    a .git, a CNAME or a README beside them stays. The new files are staged in a folder inside `folder`, read back
+    and checked, then renamed into place one by one, and the manifest is rewritten last. A failure puts the earlier
+    files back: the earlier site, whole. A kill -9 while staging leaves the earlier site whole, and the staging
+    folder, named in the manifest for the next export to remove; a kill while renaming (milliseconds) leaves some
+    files of each site, each whole and each listed in the manifest, so that the next export replaces them all."""
+    made = not folder.exists()
     try:
-        for name, source in SITE.items():
-            shutil.copyfile(source, building / name)
-        (building / MODEL_FILE).write_bytes(model)
-        building.chmod(0o755)  # mkdtemp's 0o700 would hide the site from a web server running as another user
-        if folder.exists():
-            old = folder.rename(building.with_name(f"{building.name}.old"))
-        building.rename(folder)
+        contents = {name: source.read_bytes() for name, source in SITE.items()} | {MODEL_FILE: model}
+        folder.mkdir(exist_ok=True)
     except OSError as e:
-        if old is not None and not folder.exists():
-            old.rename(folder)
         raise UserError(f"could not write {folder}: {e.strerror or e}; nothing there has changed") from None
-    finally:
-        shutil.rmtree(building, ignore_errors=True)
-        if old is not None and folder.exists():
-            shutil.rmtree(old, ignore_errors=True)
-    return sum(f.stat().st_size for f in folder.iterdir())
+    manifest = read_manifest(folder)
+    current = check_site_files(folder, manifest)
+    if "pending" in manifest:  # an export killed under way: its staging folder is named, so it is ours to remove
+        shutil.rmtree(folder / manifest["pending"]["folder"], ignore_errors=True)
+    before = (folder / MANIFEST).read_bytes() if (folder / MANIFEST).exists() else None
+    new = {name: hashlib.sha256(data).hexdigest() for name, data in contents.items()}
+    staging = folder / f"{STAGING}{secrets.token_hex(4)}"
+    write_manifest(folder, {"files": current, "pending": {"folder": staging.name, "files": new}})
+    moved, placed = [], []  # the earlier files moved into staging/old, the new ones moved into place
+    try:
+        (staging / "new").mkdir(parents=True)
+        (staging / "old").mkdir()
+        for name, data in contents.items():
+            with open(staging / "new" / name, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        for name, digest in new.items():
+            if sha256(staging / "new" / name) != digest:
+                raise OSError(f"{name} read back differs from what was written")
+        for name in sorted({*current, *new}):
+            if name in current:
+                os.replace(folder / name, staging / "old" / name)
+                moved.append(name)
+            if name in new:
+                os.replace(staging / "new" / name, folder / name)
+                placed.append(name)
+    except OSError as e:
+        try:
+            for name in reversed(placed):
+                os.replace(folder / name, staging / "new" / name)
+            for name in reversed(moved):
+                os.replace(staging / "old" / name, folder / name)
+        except OSError as again:
+            raise UserError(
+                f"could not write {folder}: {e.strerror or e}, nor put the earlier files back ({again.strerror or again})"
+                f"; it holds files of both exports, each listed in {MANIFEST}: export again to replace them all"
+            ) from None
+        shutil.rmtree(staging, ignore_errors=True)
+        if before is not None:
+            atomic_write(folder / MANIFEST, before)
+        else:
+            (folder / MANIFEST).unlink()
+            if made:
+                folder.rmdir()
+        raise UserError(f"could not write {folder}: {e.strerror or e}; nothing there has changed") from None
+    shutil.rmtree(staging, ignore_errors=True)  # with the earlier files that the new ones replaced
+    write_manifest(folder, {"files": new})
+    return sum(len(data) for data in contents.values())
 
 
 def parse_args(argv):
@@ -299,8 +448,6 @@ def main(argv=None) -> int:
         args = parse_args(sys.argv[1:] if argv is None else argv)
         web = args.format == "web"
         formats = list(FORMATS) if args.format == "all" else ["onnx"] if web else [args.format]
-        for fmt in ["web"] if web else formats:
-            require(fmt)
         checkpoint = find_checkpoint(args.checkpoint, Config().out_dir)
         model, ckpt = load_checkpoint(checkpoint)
         if web:
@@ -311,6 +458,8 @@ def main(argv=None) -> int:
             paths = out_paths(checkpoint, args.out, formats)
             for path in paths.values():
                 check_writable(path, checkpoint)
+        for fmt in ["web"] if web else formats:  # after the checks of what the user gave, which need none of it
+            require(fmt)
         norm = ckpt.get("normalization", {"mean": MNIST_MEAN, "std": MNIST_STD})
         wrapped = Exported(model, norm["mean"], norm["std"]).eval()
         meta = metadata(checkpoint, ckpt, norm["mean"], norm["std"])
@@ -338,9 +487,10 @@ def main(argv=None) -> int:
             if web:
                 size = write_site(site, data)
                 print(
-                    f"wrote {site}/ ({len(SITE) + 1} files, {size / 1e6:.1f} MB): the page runs the model in the browser"
+                    f"wrote {site}/ ({len(SITE) + 1} files, {size / 1e6:.1f} MB, listed in {MANIFEST}): the page "
+                    "runs the model in the browser"
                 )
-                print(f"serve it with `python -m http.server -d {site}` and open http://127.0.0.1:8000")
+                print(f"serve it with `python -m http.server --bind 127.0.0.1 -d {site}`, open http://127.0.0.1:8000")
                 continue
             atomic_write(path, data)  # only a verified file is written, and never half of one
             print(f"wrote {path} ({len(data) / 1e3:.0f} kB)")

@@ -13,6 +13,7 @@ import tempfile
 import threading
 from collections.abc import Collection
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import pytest
@@ -39,6 +40,15 @@ needs_real_data = pytest.mark.skipif(
 )
 
 N_TRAIN, N_TEST = 600, 200
+
+
+def missing_tool(what: str, enable: str) -> NoReturn:
+    """For a test that needs a tool which is not here (Chromium, nginx, onnxruntime-web, root for network
+    namespaces): an error in CI (CI must run every test: .ci/run installs them all), elsewhere a skip whose reason
+    says what is missing and the command that enables it. Also at module level, for a module that needs it all."""
+    if os.environ.get("CI", "").lower() not in ("", "0", "false"):
+        pytest.fail(f"CI must run this test, but {what}: {enable}", pytrace=False)
+    pytest.skip(f"{what}: {enable}", allow_module_level=True)
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:

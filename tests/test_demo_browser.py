@@ -1,6 +1,6 @@
 """The demo page in a real headless Chromium: draw digits on #pad with the mouse, read #prediction[data-digit].
 
-Skips outside CI when no Chromium is installed (`apt-get install -y chromium`); .ci/run installs it.
+Without Chromium (`apt-get install -y chromium`) it skips, and fails in CI (conftest.missing_tool); .ci/run installs it.
 """
 
 import io
@@ -10,14 +10,16 @@ import httpx
 import pytest
 from PIL import Image
 
+from conftest import missing_tool
 from drawn_digits import ARGS, CHROMIUM, WAIT_MS, answer, draw, serve
 from test_demo import pad_png
 
 if not os.path.exists(CHROMIUM):
-    if os.environ.get("CI"):
-        raise RuntimeError(f"no Chromium at {CHROMIUM}: CI must run the browser tests (.ci/run installs it)")
-    pytest.skip(f"no Chromium at {CHROMIUM}; install it with `apt-get install -y chromium`", allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (requirements-dev.txt)")
+    missing_tool(f"no Chromium at {CHROMIUM}", "apt-get install -y chromium")
+try:
+    from playwright import sync_api
+except ImportError:
+    missing_tool("playwright is not installed", "pip install -r requirements-dev.txt")
 
 # --- fixtures --------------------------------------------------------------------------------
 

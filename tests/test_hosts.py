@@ -22,6 +22,7 @@ from conftest import (
     finish,
     interrupt_when_paused,
     kill_all,
+    missing_tool,
     one_line_error,
     start,
 )
@@ -34,6 +35,8 @@ TIMEOUT = 120  # for each torchrun, within pytest's limit
 # 499 training images in batches of 50, 2 epochs of 10 steps; paused (then a worker killed) in the middle of epoch 2.
 TWO_EPOCHS = ["--val-size", 101, "--epochs", 2]
 PAUSE_STEP = 15
+# What makes `ip netns` work where it is refused, as for root in a container without that capability
+NAMESPACES_ALLOWED = "run as root on a host, or in a container started with --cap-add SYS_ADMIN (or --privileged)"
 
 
 # A machine's first torchrun process, as node_first leaves it the download, with torchvision's MNIST faked: it
@@ -110,9 +113,9 @@ def two_hosts():
     """Two network namespaces joined by a veth pair, SUBNET.1 and SUBNET.2, each with loopback up; yields a list of
     (namespace, interface, address) and deletes both namespaces (and with them the pair) afterwards."""
     if not sys.platform.startswith("linux") or shutil.which("ip") is None:
-        pytest.skip("two hosts are made with Linux network namespaces and iproute2's `ip`, which is not here")
+        missing_tool("two hosts need Linux and iproute2's `ip`, which is not here", "apt-get install -y iproute2")
     if os.geteuid() != 0:
-        pytest.skip("making network namespaces needs root")
+        missing_tool("making network namespaces needs root", f"run this test as root (sudo {sys.executable} -m pytest)")
     tag = secrets.token_hex(3)  # names of this test run alone, so that nothing else's namespace is touched
     hosts = [(f"mnist-{tag}-{side}", f"mn{tag}{side}", f"{SUBNET}.{n}") for n, side in ((1, "a"), (2, "b"))]
     made = []
@@ -120,7 +123,7 @@ def two_hosts():
         for namespace, _, _ in hosts:
             result = ip("netns", "add", namespace)
             if result.returncode:
-                pytest.skip(f"cannot make a network namespace here: {result.stderr.strip()}")
+                missing_tool(f"cannot make a network namespace here ({result.stderr.strip()})", NAMESPACES_ALLOWED)
             made.append(namespace)
         (ns_a, if_a, addr_a), (ns_b, if_b, addr_b) = hosts
         for command in (
@@ -131,8 +134,9 @@ def two_hosts():
         ):
             result = ip(*command)
             if result.returncode:
-                pytest.skip(
-                    f"cannot join two network namespaces here (ip {' '.join(command)}): {result.stderr.strip()}"
+                missing_tool(
+                    f"cannot join two network namespaces here (ip {' '.join(command)}: {result.stderr.strip()})",
+                    NAMESPACES_ALLOWED,
                 )
         yield hosts
     finally:

@@ -1,13 +1,24 @@
-"""The static site of `python export.py --format web` in a real headless Chromium, served by a plain static
-server: the page draws, prepares the digit and runs the network with no Python behind it.
+"""The static site of `python export.py --format web` in a real headless Chromium, served as people serve a
+site (python -m http.server, Debian's nginx, under a sub-path as GitHub Pages does): the page draws, prepares
+the digit and runs the network with no Python behind it.
 
-Skips outside CI when no Chromium is installed, as test_demo_browser.py does, or without onnxruntime-web
-(`npm ci`).
+Without Chromium, onnxruntime-web (`npm ci`) or nginx, a test skips, naming the command, and fails in CI
+(conftest.missing_tool).
 """
 
 import base64
 import contextlib
+import functools
+import http.server
 import io
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
@@ -17,7 +28,7 @@ from PIL import Image
 
 import export
 import test_demo_browser
-from conftest import needs_real_data, serve_folder
+from conftest import missing_tool, needs_real_data, serve_folder
 from drawn_digits import answer, draw, draw_digit, serve
 from test_demo_browser import DRAWINGS, open_page
 from test_web import needs_onnxruntime_web
@@ -108,6 +119,139 @@ def test_a_page_opened_as_a_file_says_to_serve_it(browser, synthetic_site):
         assert "python -m http.server" in page.text_content("#message")
     finally:
         page.close()
+
+
+# --- the hosts people serve a site from ------------------------------------------------------
+
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+MIME_TYPES = Path("/etc/nginx/mime.types")  # the stock list: Debian 12's nginx 1.22 has no .mjs in it
+SUB_PATH = "/repo/"  # as GitHub Pages serves a project's site: https://USER.github.io/REPO/
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def nginx(folder, timeout: float = 30):
+    """Serve `folder` at SUB_PATH with this machine's nginx, configured as Debian's stock nginx.conf does (its
+    mime.types, default_type application/octet-stream), on a free port of 127.0.0.1, from a temporary prefix;
+    yield the site's URL, then stop nginx."""
+    if not (os.path.exists(NGINX) and MIME_TYPES.is_file()):
+        missing_tool(f"no nginx at {NGINX} with {MIME_TYPES}", "apt-get install -y nginx")
+    with tempfile.TemporaryDirectory() as prefix:
+        port = free_port()
+        temp_paths = " ".join(f"{kind}_temp_path {prefix}/{kind};" for kind in ("client_body", "proxy", "fastcgi"))
+        conf = f"""daemon off; master_process off; pid {prefix}/nginx.pid; error_log {prefix}/error.log;
+            events {{ worker_connections 64; }}
+            http {{
+                include {MIME_TYPES}; default_type application/octet-stream; access_log off; {temp_paths}
+                uwsgi_temp_path {prefix}/uwsgi; scgi_temp_path {prefix}/scgi;
+                server {{ listen 127.0.0.1:{port}; location {SUB_PATH} {{ alias {Path(folder).resolve()}/; }} }}
+            }}"""
+        (Path(prefix) / "nginx.conf").write_text(conf)
+        command = [NGINX, "-p", prefix, "-c", f"{prefix}/nginx.conf", "-e", f"{prefix}/error.log"]
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + timeout
+            while proc.poll() is None and time.monotonic() < deadline:
+                with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+                time.sleep(0.05)
+            else:
+                log = Path(prefix, "error.log")
+                raise RuntimeError(f"nginx did not start: {log.read_text() if log.exists() else proc.returncode}")
+            yield f"http://127.0.0.1:{port}{SUB_PATH}"
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@contextlib.contextmanager
+def http_server(folder):
+    """`python -m http.server` serving the folder that holds `folder`, so that the site is at a sub-path."""
+    with serve_folder(Path(folder).parent) as url:
+        yield f"{url}{Path(folder).name}/"
+
+
+GLUE, WASM = "ort-wasm-simd-threaded.js", "ort-wasm-simd-threaded.wasm"  # onnxruntime-web's, which the worker loads
+
+
+class Misconfigured(http.server.SimpleHTTPRequestHandler):
+    """http.server's handler, but answering 404 for the files named in `missing` and sending those in `types` with
+    the Content-Type given there, as a misconfigured host does."""
+
+    def __init__(self, *args, missing=(), types=None, **kwargs):
+        self.missing, self.types = missing, types or {}
+        super().__init__(*args, **kwargs)
+
+    def send_head(self):
+        if urlsplit(self.path).path.rsplit("/", 1)[-1] in self.missing:
+            self.send_error(404)
+            return None
+        return super().send_head()
+
+    def guess_type(self, path):
+        return self.types.get(Path(path).name) or super().guess_type(path)
+
+    def log_message(self, *args):
+        pass
+
+
+@contextlib.contextmanager
+def misconfigured(folder, missing=(), types=None):
+    """Serve `folder` with the Misconfigured handler on a free port of 127.0.0.1, from a thread; yield its URL."""
+    handler = functools.partial(Misconfigured, directory=str(folder), missing=missing, types=types)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize(
+    "host",
+    [nginx, http_server, functools.partial(misconfigured, types={WASM: "application/octet-stream"})],
+    ids=["nginx", "http.server", "a host that knows no .wasm"],
+)
+def test_the_site_reads_a_drawing_where_people_host_it(browser, synthetic_site, host):
+    """Served under a sub-path by Debian's nginx with its stock mime.types and by Python's http.server, and by a
+    host that sends .wasm as application/octet-stream, the page loads onnxruntime-web and reads a drawn digit."""
+    with host(synthetic_site.folder) as url:
+        page = open_page(browser, url)
+        try:
+            draw(page, [[(100, 60), (90, 230)]], page.locator("#pad").bounding_box())
+            assert answer(page) in list("0123456789"), page.text_content("#message")
+        finally:
+            page.close()
+
+
+@pytest.mark.parametrize(
+    "host, said",
+    [({"missing": [GLUE]}, ["404", GLUE]), ({"types": {GLUE: "application/octet-stream"}}, [GLUE, "octet-stream"])],
+    ids=["a file not on the host", "a script of another type"],
+)
+def test_a_host_that_fails_the_page_is_told_what_it_did_wrong(browser, synthetic_site, host, said):
+    """When the host does not send a file that onnxruntime-web needs, or sends its glue script with a type that
+    browsers do not run, the page's message names the file and what the server did."""
+    assert GLUE in export.SITE
+    with misconfigured(synthetic_site.folder, **host) as url:
+        page = open_page(browser, url)
+        try:
+            draw(page, [[(100, 60), (90, 230)]], page.locator("#pad").bounding_box())
+            assert answer(page) == ""
+            message = page.text_content("#message")
+            assert all(words in message for words in said), message
+        finally:
+            page.close()
 
 
 # --- how well it reads drawn digits, against the served demo ---------------------------------

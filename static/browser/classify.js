@@ -54,6 +54,7 @@ try {
     else resolve(data);
   };
 } catch (err) { // a page opened from file:// may start no worker
-  const reason = "this page cannot start its worker from a file: serve the folder, e.g. python -m http.server -d web";
+  const reason = "this page cannot start its worker from a file: serve the folder, e.g. "
+    + "python -m http.server --bind 127.0.0.1 -d web";
   classifier.classify = async () => { throw new Error(reason); };
 }

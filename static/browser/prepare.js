@@ -1,6 +1,6 @@
 // digits.prepare_digit in JavaScript, for the drawing pad: the pad's RGBA pixels -> a 28x28 MNIST digit.
 // The same steps in the same order, with PIL's and numpy's arithmetic where it matters (PIL's resampling
-// filters, numpy's percentiles and rounding), so that tests/test_web.py can hold the two to a small tolerance.
+// filters, numpy's percentiles and rounding), so that tests/test_web_browser.py holds the two to a small tolerance.
 // Only the branch a pad takes is ported: a pad is never under 64 px, so remove_background (for digit-sized
 // images) is not; photos are read by the served demo only.
 "use strict";
