@@ -60,7 +60,9 @@ def start(name: str, seed: int, threads: int, args) -> tuple[subprocess.Popen, P
         *["--out-dir", str(args.out_dir / "runs"), "--run-name", run_name],
         *CANDIDATES[name],
     ]
-    env = {**os.environ, **ISA[args.isa], "OMP_NUM_THREADS": str(threads)}
+    # Passive: a thread that waits for the others sleeps instead of spinning, which changes no result (the work is
+    # split the same way) but keeps two-thread runs from crawling when other work shares the cores.
+    env = {**os.environ, **ISA[args.isa], "OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE"}
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return proc, args.out_dir / "runs" / run_name
 
