@@ -14,6 +14,7 @@ after kill -9. "The latest run" is the one that saved a checkpoint last:
 
 import contextlib
 import os
+import shlex
 import socket
 import time
 from pathlib import Path
@@ -63,6 +64,13 @@ def _root(out_dir) -> Path:
     return root
 
 
+def flag(option: str, value) -> str:
+    """`--option value` for a command printed to be pasted, quoted for the shell; `--option=-x` when the value
+    begins with -, which argparse would otherwise take for an option of its own."""
+    quoted = shlex.quote(str(value))
+    return f"{option}={quoted}" if quoted.startswith("-") else f"{option} {quoted}"
+
+
 def new_run_dir(out_dir, run_name: str, model: str) -> Path:
     """Create the folder of a fresh run and return it. Never hands out a folder that holds another run's files."""
     root = _root(out_dir)
@@ -70,10 +78,15 @@ def new_run_dir(out_dir, run_name: str, model: str) -> Path:
         root.mkdir(parents=True, exist_ok=True)
         if run_name:
             path = root / run_name
+            if path.exists() and not path.is_dir():
+                raise UserError(
+                    f"run name {run_name} names a file, {path}, not a run folder; pass another --run-name "
+                    f"(or none), or move the file"
+                )
             path.mkdir(exist_ok=True)
             if any((path / name).exists() for name in RUN_FILES):
                 raise UserError(
-                    f"run {path} already exists; continue it with --run-name {run_name} --resume, "
+                    f"run {path} already exists; continue it with {flag('--run-name', run_name)} --resume, "
                     f"or start a new one with another --run-name (or none)"
                 )
             return path

@@ -15,7 +15,6 @@ alone prints and writes (distributed.py); one process is the case world_size == 
 import contextlib
 import json
 import math
-import shlex
 import signal
 import sys
 import time
@@ -520,8 +519,8 @@ def new_progress() -> dict:
 
 
 def interrupted(cfg: Config) -> int:
-    where = "" if cfg.out_dir == Config().out_dir else f" --out-dir {shlex.quote(cfg.out_dir)}"
-    command = f"python train.py{where} --run-name {shlex.quote(cfg.run_name)} --resume"
+    where = "" if cfg.out_dir == Config().out_dir else f" {rundir.flag('--out-dir', cfg.out_dir)}"
+    command = f"python train.py{where} {rundir.flag('--run-name', cfg.run_name)} --resume"
     also = " (or the same under torchrun, with any number of processes)" if distributed.under_torchrun() else ""
     print0(f"interrupted; last.pt is saved. To continue: {command}{also}", file=sys.stderr)
     return 130

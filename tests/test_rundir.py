@@ -3,6 +3,7 @@ and the latest run is one call away."""
 
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -174,3 +175,28 @@ def test_the_run_folder_printed_is_there_or_said_removed(mnist_dir, tmp_path, ru
     assert done.returncode == 0 and f"run folder: {runs / 'b'}\n" in done.stdout and "removed" not in done.stdout
     refused = run_main(*fast_args(mnist_dir, runs / "b"))  # b holds a run: refused before it is claimed
     assert "already exists" in one_line_error(refused) and "run folder" not in refused.stdout
+
+
+@pytest.mark.parametrize("name", ["-x", "--lr"])
+def test_the_resume_command_of_a_run_named_like_a_flag_parses(mnist_dir, tmp_path, run_main, capsys, name):
+    """A run whose name begins with - prints a resume command (--run-name=-x) that the shell and train.py parse back
+    to that run, and that continues it."""
+    cfg = train.config.parse_args(
+        ["--data-dir", str(mnist_dir), "--out-dir", str(tmp_path), f"--run-name={name}", *FAST]
+    )
+    assert train.run(cfg, stop_requested=lambda: True) == 130
+    command = shlex.split(capsys.readouterr().err.split("To continue: ")[1])
+    assert command[:2] == ["python", "train.py"] and train.config.parse_args(command[2:]).run_name == name
+    assert run_main(*command[2:]).returncode == 0
+    assert [row["epoch"] for row in load_checkpoint(tmp_path / name / "last.pt")[1]["history"]] == [1]
+    again = one_line_error(run_main("--data-dir", mnist_dir, "--out-dir", tmp_path, f"--run-name={name}", *FAST))
+    assert f"continue it with --run-name={name} --resume" in again  # the message's own command parses too
+
+
+def test_a_run_name_that_names_a_file_says_so(mnist_dir, tmp_path, run_main):
+    """--run-name naming a file in the out dir is refused in one line that says so, not blamed on the out dir; the
+    file is untouched."""
+    (tmp_path / "notes").write_text("mine")
+    message = one_line_error(run_main(*fast_args(mnist_dir, tmp_path / "notes")))
+    assert message.startswith(f"error: run name notes names a file, {tmp_path / 'notes'}, not a run folder")
+    assert "out dir" not in message and (tmp_path / "notes").read_text() == "mine"
