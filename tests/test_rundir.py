@@ -157,10 +157,12 @@ def test_interrupted_run_prints_the_command_that_resumes_it(mnist_dir, tmp_path,
     cfg = train.config.parse_args(["--data-dir", str(mnist_dir), "--out-dir", str(tmp_path), *FAST])
     assert train.run(cfg, stop_requested=lambda: True) == 130
     [folder] = run_folders(tmp_path)
+    assert rundir.read_status(folder) == {"status": "stopped"}
     command = capsys.readouterr().err.split("To continue: ")[1].split()
     assert command == ["python", "train.py", *run_flags(folder), "--resume"]
     assert run_main(*command[2:]).returncode == 0
     assert [row["epoch"] for row in load_checkpoint(folder / "last.pt")[1]["history"]] == [1]
+    assert rundir.read_status(folder) == {"status": "finished"}
 
 
 def test_the_run_folder_printed_is_there_or_said_removed(mnist_dir, tmp_path, run_main):
@@ -200,3 +202,27 @@ def test_a_run_name_that_names_a_file_says_so(mnist_dir, tmp_path, run_main):
     message = one_line_error(run_main(*fast_args(mnist_dir, tmp_path / "notes")))
     assert message.startswith(f"error: run name notes names a file, {tmp_path / 'notes'}, not a run folder")
     assert "out dir" not in message and (tmp_path / "notes").read_text() == "mine"
+
+
+@pytest.mark.parametrize("existed", [False, True])
+def test_a_first_run_that_saved_nothing_leaves_no_out_dir_it_made(tmp_path, run_main, existed):
+    """A run that fails before its first save removes the out dir too when it made it, and only then: an (empty) out
+    dir that was there before stays."""
+    runs = tmp_path / "deep" / "runs"
+    if existed:
+        runs.mkdir(parents=True)
+    failed = run_main(*fast_args(tmp_path / "no-data", runs / "a"))  # no MNIST there, and --no-download
+    assert "MNIST is not in" in one_line_error(failed)
+    assert runs.is_dir() == existed and (tmp_path / "deep").is_dir() == existed
+
+
+def test_a_run_that_saved_nothing_removes_only_its_own_files(mnist_dir, tmp_path, run_main):
+    """A failed run into a named folder removes the event files it wrote and its lock, never an earlier run's event
+    files (one killed with kill -9 before its first save) nor a user's file, and so keeps the folder."""
+    run_dir = tmp_path / "runs" / "a"
+    run_dir.mkdir(parents=True)
+    earlier = run_dir / "events.out.tfevents.1700000000.otherhost.4242.0"
+    earlier.write_bytes(b"an earlier run's curves")
+    (run_dir / "notes.txt").write_text("mine")
+    assert "MNIST is not in" in one_line_error(run_main(*fast_args(tmp_path / "no-data", run_dir)))
+    assert sorted(p.name for p in run_dir.iterdir()) == [earlier.name, "notes.txt"]
