@@ -13,7 +13,9 @@ import contextlib
 import datetime
 import json
 import os
+import socket
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -65,13 +67,34 @@ def restarts() -> int:
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
 
 
-def job_id() -> str:
-    """torchrun's id of this job, the same in every restart of it ('' without torchrun).
+# The torchrun agents of this process group, once the group is up (see job_id()).
+_group_agents = None
 
-    Without --standalone, torchrun's --rdzv-id defaults to "none" for every job: that names no job, so a
-    restart of such a job starts a new run rather than adopt another job's folder."""
+
+def agent() -> str:
+    """The torchrun agent that started this process (its parent), named so that no other process is ever named
+    the same: its host, its PID and its start time (in clock ticks since boot, from /proc). A PID alone is reused;
+    with its start time it is not. Without /proc (macOS) the start time is "?", and the PID and host remain."""
+    parent = os.getppid()
+    try:  # /proc/PID/stat: "PID (command) state ..."; the command may hold spaces, so count from its ")"
+        started = Path(f"/proc/{parent}/stat").read_text().rsplit(")", 1)[1].split()[19]  # field 22, starttime
+    except (OSError, IndexError):
+        started = "?"
+    return f"{socket.gethostname()}:{parent}:{started}"
+
+
+def job_id() -> str:
+    """This torchrun launch, as one line for torchrun's job id and one for each machine's agent ('' without torchrun).
+
+    A restart of the group (--max-restarts) keeps the id and the agents, so it finds the run it was writing. A new
+    launch that reuses the id (a fixed --rdzv-id, as in PyTorch's multinode tutorial) has agents of its own, so it
+    never takes over an earlier launch's run: torchrun gives its workers no id of the launch itself. Without
+    --standalone, --rdzv-id defaults to "none" for every job: that names no job, so such a job never adopts a
+    folder either."""
     run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
-    return "" if run_id == "none" else run_id
+    if run_id in ("", "none"):
+        return ""
+    return "\n".join([run_id, *(_group_agents or [agent()])])
 
 
 def print0(*args, **kwargs) -> None:
@@ -128,7 +151,7 @@ def process_group(timeout_seconds: int):
     if world_size() == 1:
         yield
         return
-    global _group_restarts
+    global _group_restarts, _group_agents
     timeout = datetime.timedelta(seconds=timeout_seconds)
     shared_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     machines = int(os.environ.get("GROUP_WORLD_SIZE", 1))
@@ -149,13 +172,16 @@ def process_group(timeout_seconds: int):
         count = torch.tensor(restarts())
         dist.all_reduce(count, op=dist.ReduceOp.MAX)
         _group_restarts = int(count)
+        agents = [None] * world_size()
+        dist.all_gather_object(agents, agent())  # each machine's agent, for job_id(): rank 0 may change machines
+        _group_agents = sorted(set(agents))
         yield
         # Leave together. Ranks other than 0 finish first (rank 0 alone runs the test), and one that tore its
         # group down while rank 0 still worked sometimes aborted in gloo's C++ ("terminate called without an
         # active exception"), which torchrun takes for a failed job.
         dist.barrier()
     finally:
-        _group_restarts = None
+        _group_restarts = _group_agents = None
         dist.destroy_process_group()
 
 

@@ -255,14 +255,23 @@ def _note_status(run_dir: Path, status: str, why: str = "") -> None:
 
 
 def mark_job(run_dir: Path, job_id: str) -> None:
-    """Note torchrun's job id in the run folder, so that the job's restarts find it (nothing without torchrun)."""
+    """Note this torchrun launch (distributed.job_id()) in the run folder, so that its restarts find it (nothing
+    without torchrun). Each claim writes it again, with the agents of that attempt."""
     if job_id:
         atomic_write(run_dir / JOB, job_id.encode())
 
 
+def same_launch(marker: str, job_id: str) -> bool:
+    """Whether a folder's marker names this launch: the same job id, and an agent in common. Every machine of a
+    launch keeps its agent through the restarts, and a new launch has only new ones; a marker that names no agent
+    (written before agents were named) proves nothing, so it never matches."""
+    (marked_id, *marked_agents), (this_id, *these_agents) = marker.splitlines() or [""], job_id.splitlines() or [""]
+    return marked_id == this_id and bool(set(marked_agents) & set(these_agents))
+
+
 def job_run(out_dir, job_id: str) -> Path | None:
-    """The latest run folder in out_dir that torchrun's job `job_id` wrote, or None."""
-    mine = [marker.parent for marker in _root(out_dir).glob(f"*/{JOB}") if _read(marker) == job_id]
+    """The latest run folder in out_dir that this torchrun launch (distributed.job_id()) wrote, or None."""
+    mine = [marker.parent for marker in _root(out_dir).glob(f"*/{JOB}") if same_launch(_read(marker), job_id)]
     return max(mine, key=lambda p: (p / JOB).stat().st_mtime, default=None)
 
 
