@@ -103,12 +103,20 @@ def print0(*args, **kwargs) -> None:
         print(*args, **kwargs)
 
 
-def report_error(line: str) -> None:
-    """Hand this process's one error line to torchrun, whose failure report then shows it as the process's
-    "traceback" instead of a link to its docs. torchrun names a file for each worker (TORCHELASTIC_ERROR_FILE)
-    and reads it in the format of torch.distributed.elastic's ErrorHandler; nothing happens without torchrun."""
+def report_error(line: str, mine: bool = False) -> None:
+    """Hand an error line to torchrun, whose failure report then shows it as the process's "traceback" instead of
+    a link to its docs. torchrun names a file for each worker (TORCHELASTIC_ERROR_FILE) and reads it in the format
+    of torch.distributed.elastic's ErrorHandler; nothing happens without torchrun.
+
+    A line that every process meets alike (a UserError) is handed in by each machine's first process alone, rank 0
+    on its machine. torchrun's "Root Cause" is the failure with the earliest time, which is an error file's time
+    when there is one, in whole seconds: had every process handed the line in, a rank that met it a second before
+    rank 0 (rank 0 starts slower on a busy machine) would be named, though torchrun stopped it (SIGTERM). Without
+    its file, a stopped rank's failure is timed when torchrun sees it, after rank 0 wrote and ended, and torchrun
+    names the lower rank of two at the same second. A line of this process's own (`mine`: it lost its peers) is
+    handed in by every process that says it."""
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if path:
+    if path and (mine or local_rank() == 0):
         with contextlib.suppress(OSError), open(path, "w") as f:  # the line is printed anyway: this is a courtesy
             json.dump({"message": {"message": line, "extraInfo": {"timestamp": str(int(time.time()))}}}, f)
 

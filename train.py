@@ -114,7 +114,7 @@ def main(argv=None) -> int:
         reason = " ".join(str(e).split())[:160]
         line = f"error: process {distributed.rank()} lost the other processes of this run ({reason})"
         print(line, file=sys.stderr)
-        distributed.report_error(line)
+        distributed.report_error(line, mine=True)
         distributed.let_rank_0_say_it()  # rank 0 may be saying why it left
         return 1
 
