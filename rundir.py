@@ -265,8 +265,8 @@ def same_launch(marker: str, job_id: str) -> bool:
     """Whether a folder's marker names this launch: the same job id, and an agent in common. Every machine of a
     launch keeps its agent through the restarts, and a new launch has only new ones; a marker that names no agent
     (written before agents were named) proves nothing, so it never matches."""
-    (marked_id, *marked_agents), (this_id, *these_agents) = marker.splitlines() or [""], job_id.splitlines() or [""]
-    return marked_id == this_id and bool(set(marked_agents) & set(these_agents))
+    marked, this = marker.splitlines() or [""], job_id.splitlines() or [""]  # the job id, then one agent a line
+    return marked[0] == this[0] and bool(set(marked[1:]) & set(this[1:]))
 
 
 def job_run(out_dir, job_id: str) -> Path | None:

@@ -14,7 +14,18 @@ import pytest
 import evaluate
 import rundir
 import train
-from conftest import ROOT, call_main, copy_run, fast_args, one_line_error, run_flags
+from conftest import (
+    PAUSED_TRAIN,
+    ROOT,
+    call_main,
+    copy_run,
+    fast_args,
+    interrupt_when_paused,
+    one_line_error,
+    paused_at,
+    run_flags,
+    start,
+)
 from model import load_checkpoint
 
 FAST = ["--no-download", "--val-size", "100", "--epochs", "1", "--batch-size", "50", "--device", "cpu"]
@@ -226,3 +237,18 @@ def test_a_run_that_saved_nothing_removes_only_its_own_files(mnist_dir, tmp_path
     (run_dir / "notes.txt").write_text("mine")
     assert "MNIST is not in" in one_line_error(run_main(*fast_args(tmp_path / "no-data", run_dir)))
     assert sorted(p.name for p in run_dir.iterdir()) == [earlier.name, "notes.txt"]
+
+
+def test_a_run_killed_before_its_first_save_leaves_what_the_docs_say(mnist_dir, tmp_path):
+    """kill -9 before the first save (it runs no code) leaves the folder that docs/runs.md describes: its lock, owner,
+    status "running" and its event file, with no process holding the lock; the tools pass it by (it has no best.pt)."""
+    out = tmp_path / "runs"
+    proc = start([sys.executable, PAUSED_TRAIN, "--data-dir", mnist_dir, "--out-dir", out, *FAST], env=paused_at(3))
+    interrupt_when_paused(proc, lambda: proc.send_signal(signal.SIGKILL))
+    [killed] = run_folders(out)
+    names = {p.name for p in killed.iterdir()}
+    events = {name for name in names if name.startswith("events.out.tfevents.")}
+    assert names - events == {rundir.LOCK, rundir.OWNER, rundir.STATUS} and len(events) == 1
+    assert rundir.read_status(killed) == {"status": "running"} and rundir.writer_of(killed) is None
+    with pytest.raises(rundir.UserError, match=r"has a best\.pt yet"):
+        rundir.find_checkpoint(None, out)
