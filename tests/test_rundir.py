@@ -1,6 +1,7 @@
 """Run folders: a new run never touches another run's files, two processes never share a folder,
 and the latest run is one call away."""
 
+import contextlib
 import os
 import re
 import shlex
@@ -252,3 +253,31 @@ def test_a_run_killed_before_its_first_save_leaves_what_the_docs_say(mnist_dir, 
     assert rundir.read_status(killed) == {"status": "running"} and rundir.writer_of(killed) is None
     with pytest.raises(rundir.UserError, match=r"has a best\.pt yet"):
         rundir.find_checkpoint(None, out)
+
+
+NO_SPACE = "could not save runs/x/last.pt: No space left on device"
+
+
+@pytest.mark.parametrize(
+    "ending, expected",
+    [
+        ("finished", {"status": "finished"}),
+        ("returned", {"status": "stopped"}),  # train.py returns without "finished" only when a signal stopped it
+        (KeyboardInterrupt(), {"status": "stopped"}),
+        (
+            train.Diverged("training diverged in epoch 2 (loss is NaN or inf), most likely the learning rate ..."),
+            {"status": "died", "why": "training diverged in epoch 2 (loss is NaN or inf)"},
+        ),
+        (rundir.UserError(NO_SPACE), {"status": "failed", "why": NO_SPACE}),
+    ],
+)
+def test_a_run_status_says_how_it_ended(tmp_path, ending, expected):
+    """status.json says running while the block runs, then finished, stopped (Ctrl-C, or an end without finished),
+    died (the exception train.py names) with the error's first clause, or failed with the error."""
+    with contextlib.suppress(type(ending)), rundir.status_kept(tmp_path, died=train.Diverged):
+        during = rundir.read_status(tmp_path)
+        if ending == "finished":
+            rundir.write_status(tmp_path, "finished")
+        elif isinstance(ending, BaseException):
+            raise ending
+    assert during == {"status": "running"} and rundir.read_status(tmp_path) == expected
