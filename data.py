@@ -133,14 +133,17 @@ def find_files(root: Path) -> tuple[dict[str, Path] | None, list[str]]:
     return None, partial
 
 
-def _existing(root: Path) -> set[Path]:
-    """Every path under root (and root itself) that exists now."""
-    return {root, *root.rglob("*")} if root.exists() else set()
+def download_paths(root: Path) -> list[Path]:
+    """Every path that torchvision's MNIST download writes under root, folders first: MNIST/, MNIST/raw/, and for
+    each file its .gz and the plain file unpacked from it. It writes nothing else (torchvision 0.22 to 0.29)."""
+    raw = root / "MNIST" / "raw"
+    return [raw.parent, raw, *(raw / f for name in ALL_FILES for f in (f"{name}.gz", name))]
 
 
-def _remove_new(root: Path, before: set[Path]) -> None:
-    """Remove what appeared under root since `before` was taken: a failed download's files and empty folders."""
-    for path in sorted(_existing(root) - before, key=lambda p: len(p.parts), reverse=True):  # contents first
+def _remove(paths: list[Path]) -> None:
+    """Remove these paths, files before the folders that hold them; a folder only if it is empty, so a file that
+    another process put there in the meantime stays, and its folder with it."""
+    for path in reversed(paths):
         with contextlib.suppress(OSError):
             path.rmdir() if path.is_dir() else path.unlink()
 
@@ -151,9 +154,11 @@ def download_files(root: Path, train: bool, found: str = "") -> None:
     torchrun's node_first leaves the download to one process per machine, but machines that share a file system
     (a cluster's home folder) would still download into one folder at once, which corrupts the files. A lock file
     in root lets one process download at a time; the others wait, then find its files and download nothing.
-    A failed download removes what it wrote, so no empty data/MNIST/raw/ is left to puzzle the next run."""
+    A failed download removes what it wrote, so no empty data/MNIST/raw/ is left to puzzle the next run: the
+    paths of download_paths that were not there once the lock was held, and nothing else. The lock file stays,
+    since processes on this or another machine may be waiting on it; removing it would let two of them hold a
+    lock each, one on the removed file and one on a new one."""
     raw = root / "MNIST" / "raw"
-    before = _existing(root)
     try:
         root.mkdir(parents=True, exist_ok=True)
         lock = filelock.FileLock(root / DOWNLOAD_LOCK)
@@ -165,13 +170,17 @@ def download_files(root: Path, train: bool, found: str = "") -> None:
         with held:
             if find_files(root)[0] is not None:  # the process we waited for has downloaded them
                 return
-            import torchvision  # only to download
+            new = [path for path in download_paths(root) if not path.exists()]  # listed holding the lock
+            try:
+                import torchvision  # only to download
 
-            print(f"downloading MNIST into {raw}{found}")
-            with contextlib.redirect_stdout(io.StringIO()):  # torchvision prints a line per mirror tried
-                torchvision.datasets.MNIST(root, train=train, download=True)
+                print(f"downloading MNIST into {raw}{found}")
+                with contextlib.redirect_stdout(io.StringIO()):  # torchvision prints a line per mirror tried
+                    torchvision.datasets.MNIST(root, train=train, download=True)
+            except BaseException:  # Ctrl-C too: no half-downloaded file is left to be read as MNIST
+                _remove(new)  # still holding the lock, so no waiting process reads a file as it goes
+                raise
     except (RuntimeError, OSError) as e:
-        _remove_new(root, before)  # a failed download leaves the data dir as it found it
         # torchvision lists every mirror it tried; its last line holds the last mirror's reason.
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise UserError(

@@ -13,7 +13,9 @@ import contextlib
 import datetime
 import json
 import os
+import socket
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -65,13 +67,34 @@ def restarts() -> int:
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
 
 
-def job_id() -> str:
-    """torchrun's id of this job, the same in every restart of it ('' without torchrun).
+# The torchrun agents of this process group, once the group is up (see job_id()).
+_group_agents = None
 
-    Without --standalone, torchrun's --rdzv-id defaults to "none" for every job: that names no job, so a
-    restart of such a job starts a new run rather than adopt another job's folder."""
+
+def agent() -> str:
+    """The torchrun agent that started this process (its parent), named so that no other process is ever named
+    the same: its host, its PID and its start time (in clock ticks since boot, from /proc). A PID alone is reused;
+    with its start time it is not. Without /proc (macOS) the start time is "?", and the PID and host remain."""
+    parent = os.getppid()
+    try:  # /proc/PID/stat: "PID (command) state ..."; the command may hold spaces, so count from its ")"
+        started = Path(f"/proc/{parent}/stat").read_text().rsplit(")", 1)[1].split()[19]  # field 22, starttime
+    except (OSError, IndexError):
+        started = "?"
+    return f"{socket.gethostname()}:{parent}:{started}"
+
+
+def job_id() -> str:
+    """This torchrun launch, as one line for torchrun's job id and one for each machine's agent ('' without torchrun).
+
+    A restart of the group (--max-restarts) keeps the id and the agents, so it finds the run it was writing. A new
+    launch that reuses the id (a fixed --rdzv-id, as in PyTorch's multinode tutorial) has agents of its own, so it
+    never takes over an earlier launch's run: torchrun gives its workers no id of the launch itself. Without
+    --standalone, --rdzv-id defaults to "none" for every job: that names no job, so such a job never adopts a
+    folder either."""
     run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
-    return "" if run_id == "none" else run_id
+    if run_id in ("", "none"):
+        return ""
+    return "\n".join([run_id, *(_group_agents or [agent()])])
 
 
 def print0(*args, **kwargs) -> None:
@@ -80,12 +103,20 @@ def print0(*args, **kwargs) -> None:
         print(*args, **kwargs)
 
 
-def report_error(line: str) -> None:
-    """Hand this process's one error line to torchrun, whose failure report then shows it as the process's
-    "traceback" instead of a link to its docs. torchrun names a file for each worker (TORCHELASTIC_ERROR_FILE)
-    and reads it in the format of torch.distributed.elastic's ErrorHandler; nothing happens without torchrun."""
+def report_error(line: str, mine: bool = False) -> None:
+    """Hand an error line to torchrun, whose failure report then shows it as the process's "traceback" instead of
+    a link to its docs. torchrun names a file for each worker (TORCHELASTIC_ERROR_FILE) and reads it in the format
+    of torch.distributed.elastic's ErrorHandler; nothing happens without torchrun.
+
+    A line that every process meets alike (a UserError) is handed in by each machine's first process alone, rank 0
+    on its machine. torchrun's "Root Cause" is the failure with the earliest time, which is an error file's time
+    when there is one, in whole seconds: had every process handed the line in, a rank that met it a second before
+    rank 0 (rank 0 starts slower on a busy machine) would be named, though torchrun stopped it (SIGTERM). Without
+    its file, a stopped rank's failure is timed when torchrun sees it, after rank 0 wrote and ended, and torchrun
+    names the lower rank of two at the same second. A line of this process's own (`mine`: it lost its peers) is
+    handed in by every process that says it."""
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if path:
+    if path and (mine or local_rank() == 0):
         with contextlib.suppress(OSError), open(path, "w") as f:  # the line is printed anyway: this is a courtesy
             json.dump({"message": {"message": line, "extraInfo": {"timestamp": str(int(time.time()))}}}, f)
 
@@ -128,7 +159,7 @@ def process_group(timeout_seconds: int):
     if world_size() == 1:
         yield
         return
-    global _group_restarts
+    global _group_restarts, _group_agents
     timeout = datetime.timedelta(seconds=timeout_seconds)
     shared_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     machines = int(os.environ.get("GROUP_WORLD_SIZE", 1))
@@ -149,13 +180,16 @@ def process_group(timeout_seconds: int):
         count = torch.tensor(restarts())
         dist.all_reduce(count, op=dist.ReduceOp.MAX)
         _group_restarts = int(count)
+        agents = [None] * world_size()
+        dist.all_gather_object(agents, agent())  # each machine's agent, for job_id(): rank 0 may change machines
+        _group_agents = sorted(set(agents))
         yield
         # Leave together. Ranks other than 0 finish first (rank 0 alone runs the test), and one that tore its
         # group down while rank 0 still worked sometimes aborted in gloo's C++ ("terminate called without an
         # active exception"), which torchrun takes for a failed job.
         dist.barrier()
     finally:
-        _group_restarts = None
+        _group_restarts = _group_agents = None
         dist.destroy_process_group()
 
 

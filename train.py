@@ -15,7 +15,6 @@ alone prints and writes (distributed.py); one process is the case world_size == 
 import contextlib
 import json
 import math
-import shlex
 import signal
 import sys
 import time
@@ -116,7 +115,7 @@ def main(argv=None) -> int:
         reason = " ".join(str(e).split())[:160]
         line = f"error: process {distributed.rank()} lost the other processes of this run ({reason})"
         print(line, file=sys.stderr)
-        distributed.report_error(line)
+        distributed.report_error(line, mine=True)
         distributed.let_rank_0_say_it()  # rank 0 may be saying why it left
         return 1
 
@@ -205,6 +204,7 @@ def run(cfg: Config, saved: dict | None = None, stop_requested=lambda: False) ->
                     )
                 )
             rundir.mark_job(run_dir, distributed.job_id())  # where torchrun's restarts of this job continue
+            held.enter_context(rundir.status_kept(run_dir, died=Diverged))  # running, then finished, stopped, died
             return run_dir
 
         run_dir = distributed.from_main(claim)
@@ -341,7 +341,8 @@ def train_epochs(state: State, stop_requested) -> bool:
         state.writer.epoch(record["history"][-1], state.scheduler.last_epoch, len(train_split))
         print_row(record["history"][-1], best=record["best_epoch"] == epoch + 1)
         if state.scheduler.last_epoch >= warm:  # a dead run stops here, its epoch saved as it is
-            check_learning(val_acc, val_loss, f"validation after epoch {epoch + 1}", cfg, state.run_dir)
+            train_acc = record["history"][-1]["train_acc"]  # read too: a tiny val set can be all wrong in a live run
+            check_learning(val_acc, val_loss, f"validation after epoch {epoch + 1}", cfg, state.run_dir, train_acc)
         if distributed.any_rank(stop_requested(), state.device):
             return False
     return True
@@ -420,13 +421,18 @@ def check_finite(loss_sum: torch.Tensor, epoch: int, device) -> None:
 CHANCE_LEVEL = 0.2
 
 
-def check_learning(accuracy: float, loss: float, where: str, cfg: Config, run_dir: Path) -> None:
-    """Raise Diverged if `accuracy` (the same on every rank) is near chance: the run is dead, and says how to fix it."""
-    if accuracy >= CHANCE_LEVEL:
+def check_learning(
+    accuracy: float, loss: float, where: str, cfg: Config, run_dir: Path, train_accuracy: float = 0.0
+) -> None:
+    """Raise Diverged if `accuracy` (the same on every rank) is near chance, and so is the epoch's `train_accuracy`
+    when given: the run is dead, and says how to fix it. A few validation images (--val-size 1) can all be wrong in
+    a run that learns, but a dead network is near chance on the tens of thousands it trained on as well."""
+    if accuracy >= CHANCE_LEVEL or train_accuracy >= CHANCE_LEVEL:
         return
     clip = "" if cfg.clip_grad_norm else ", and turn on --clip-grad-norm 1"
+    trained = f" (on its training images this epoch {train_accuracy:.2%})" if train_accuracy else ""
     raise Diverged(
-        f"training is stuck at chance level: {where} the accuracy is {accuracy:.2%} and the loss {loss:.4f} "
+        f"training is stuck at chance level: {where} the accuracy is {accuracy:.2%}{trained} and the loss {loss:.4f} "
         f"(guessing gives 10% and ln 10 = 2.3026), so the network most likely died in one too large step; "
         f"try a smaller --lr (such as {cfg.lr / 2:g}) or a longer --warmup{clip}. Its checkpoints are as it "
         f"left them, in {run_dir}/"
@@ -479,6 +485,7 @@ def finish(state: State) -> None:
     write_metrics(run_dir, record)
     plots.plot_curves({cfg.model: record["history"]}, run_dir / "curves.png")
     state.writer.test(record, logits, test.images, test.labels, state.scheduler.last_epoch)
+    rundir.write_status(run_dir, "finished")
     print(
         f"test: loss {test_loss:.4f}, accuracy {test_acc:.2%} (best.pt, epoch {record['best_epoch']}, "
         f"val {record['best_val_acc']:.2%}); best.pt, last.pt, metrics.json and curves.png are in {run_dir}/"
@@ -519,8 +526,8 @@ def new_progress() -> dict:
 
 
 def interrupted(cfg: Config) -> int:
-    where = "" if cfg.out_dir == Config().out_dir else f" --out-dir {shlex.quote(cfg.out_dir)}"
-    command = f"python train.py{where} --run-name {shlex.quote(cfg.run_name)} --resume"
+    where = "" if cfg.out_dir == Config().out_dir else f" {rundir.flag('--out-dir', cfg.out_dir)}"
+    command = f"python train.py{where} {rundir.flag('--run-name', cfg.run_name)} --resume"
     also = " (or the same under torchrun, with any number of processes)" if distributed.under_torchrun() else ""
     print0(f"interrupted; last.pt is saved. To continue: {command}{also}", file=sys.stderr)
     return 130

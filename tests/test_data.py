@@ -1,5 +1,8 @@
 import gzip
+import http.server
 import shutil
+import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -108,7 +111,8 @@ def tree(root):
 @pytest.mark.parametrize("before", ["nothing", "a user's files"])
 def test_failed_download_names_both_ways_out_and_leaves_nothing(half_mirror, tmp_path, before):
     """A download that fails part-way says to pass --data-dir or where to copy the files, and leaves the data dir as
-    it found it: no data/MNIST/raw/ where there was none, no half-downloaded file, the user's own files untouched."""
+    it found it but for its empty lock file: no data/MNIST/raw/ where there was none, no half-downloaded file, the
+    user's own files untouched."""
     root = tmp_path / "data"
     if before != "nothing":
         write_mnist(root, n_train=20, n_test=10)
@@ -121,7 +125,48 @@ def test_failed_download_names_both_ways_out_and_leaves_nothing(half_mirror, tmp
     raw = root / "MNIST" / "raw"
     assert str(error.value).startswith(f"could not download MNIST into {raw} (HTTP Error 404")
     assert f"pass --data-dir with the folder that holds them, or copy them into {raw}; else" in str(error.value)
-    assert (tree(root) if root.exists() else None) == had
+    assert tree(root) == {**(had or {}), Path(data.DOWNLOAD_LOCK): b""}
+
+
+class MeanwhileHandler(http.server.BaseHTTPRequestHandler):
+    """A mirror that fails every request, after calling `meanwhile()`: what other processes do while a download
+    runs happens then."""
+
+    meanwhile = staticmethod(lambda: None)
+
+    def do_GET(self):
+        type(self).meanwhile()
+        self.send_error(404)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_failed_download_removes_only_what_it_wrote(tmp_path, monkeypatch):
+    """Files that another process makes under the data dir while a download fails (a job's results, a user's file
+    beside the downloaded ones) survive; the lock file stays, since another process may be waiting on it."""
+    root = tmp_path / "shared"
+    theirs = [root / "job2" / "results.csv", root / "MNIST" / "raw" / "notes.txt", root / "MNIST" / "mine.txt"]
+
+    def another_process_writes():
+        for path in theirs:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("theirs")
+
+    monkeypatch.setattr(MeanwhileHandler, "meanwhile", staticmethod(another_process_writes))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), MeanwhileHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        use_mirror(monkeypatch, f"http://127.0.0.1:{server.server_port}/")
+        with pytest.raises(UserError, match="could not download MNIST"):
+            load_split(root, train=True, download=True)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert all(path.read_text() == "theirs" for path in theirs)
+    assert (root / data.DOWNLOAD_LOCK).is_file()
+    left = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+    assert left == {data.DOWNLOAD_LOCK, "job2/results.csv", "MNIST/raw/notes.txt", "MNIST/mine.txt"}
 
 
 def test_data_dir_that_is_a_file(tmp_path):

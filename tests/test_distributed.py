@@ -176,13 +176,17 @@ config.exit_script(train.main())
 
 
 def test_an_error_is_said_even_when_rank_0_reaches_it_last(tmp_path):
-    """A bad flag under torchrun is said once, by rank 0, even when rank 1 has met it seconds earlier."""
+    """A bad flag under torchrun is said once, by rank 0, even when rank 1 has met it seconds earlier; torchrun's
+    "Root Cause" names rank 0 and its line, not rank 1, which torchrun stopped."""
     script = tmp_path / "slow_rank_0.py"
     script.write_text(SLOW_RANK_0.format(root=str(ROOT)))
     result = finish(torchrun("--lrr", "0.1", script=script), timeout=90)
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith("error: unknown option --lrr (did you mean --lr?)"), result.stderr
+    root_cause = result.stderr.split("Root Cause (first observed failure):", 1)[1].split("=" * 20, 1)[0]
+    assert re.search(r"\n\s*rank\s*: 0 \(local_rank: 0\)\n", root_cause), root_cause
+    assert f"traceback : {errors[0]}\n" in root_cause
 
 
 def test_a_data_error_ends_every_rank_with_one_line(tmp_path):

@@ -2,9 +2,11 @@
 
 import errno
 import os
+import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ import model as model_module
 import rundir
 import train
 from conftest import (
+    N_TRAIN,
     PAUSED_TRAIN,
     ROOT,
     copy_run,
@@ -23,6 +26,7 @@ from conftest import (
     run_flags,
     start,
 )
+from data import RAW_FILES
 from model import load_checkpoint, save_checkpoint
 from rundir import atomic_write
 
@@ -199,6 +203,7 @@ def test_a_dead_network_stops_with_advice_and_never_reports_a_chance_level_test(
     assert "try a smaller --lr (such as 0.075) or a longer --warmup" in message
     assert message.endswith(f"Its checkpoints are as it left them, in {run_dir}/")
     assert "test:" not in result.stdout
+    assert rundir.read_status(run_dir) == {"status": "died", "why": "training is stuck at chance level"}
     saved = load_checkpoint(run_dir / "last.pt")[1]
     assert saved["epoch"] == 1 and "test_acc" not in load_checkpoint(run_dir / "best.pt")[1]
     checkpoints = ("best.pt", "last.pt", "metrics.json")
@@ -208,6 +213,23 @@ def test_a_dead_network_stops_with_advice_and_never_reports_a_chance_level_test(
     assert "on the test set, with best.pt, the accuracy is " in one_line_error(result, exit_code=1)
     assert "test:" not in result.stdout
     assert {name: (run_dir / name).read_bytes() for name in checkpoints} == before
+
+
+def test_a_learning_run_with_one_wrong_validation_image_is_not_stopped_as_dead(mnist_dir, tmp_path, run_main):
+    """--val-size 1 whose one image is mislabelled: validation says 0% every epoch, but the run learns (its training
+    accuracy is far above chance), so it is not stopped as dead; it trains every epoch and is tested."""
+    data_dir = Path(shutil.copytree(mnist_dir, tmp_path / "data"))
+    labels_path = data_dir / "MNIST" / "raw" / RAW_FILES["train"][1]
+    labels = bytearray(labels_path.read_bytes())
+    val_index = int(torch.randperm(N_TRAIN, generator=torch.Generator().manual_seed(0))[0])  # load_splits' draw
+    labels[8 + val_index] = (labels[8 + val_index] + 5) % 10  # the label after the 8-byte header: now wrong
+    labels_path.write_bytes(labels)
+    result = run_main(*fast_args(data_dir, tmp_path / "runs" / "one", "--val-size", 1, "--epochs", 3))
+    assert result.returncode == 0, result.stderr
+    history = load_checkpoint(tmp_path / "runs" / "one" / "last.pt")[1]["history"]
+    assert [row["val_acc"] for row in history] == [0.0, 0.0, 0.0]  # the one validation image is never right
+    assert history[-1]["train_acc"] > 0.5 and "test: loss" in result.stdout
+    assert rundir.read_status(tmp_path / "runs" / "one") == {"status": "finished"}
 
 
 def test_disk_full_during_training_is_one_line_and_keeps_the_old_checkpoints(

@@ -206,14 +206,48 @@ def test_a_torchrun_restart_adopts_its_own_folder_that_has_no_last_pt(
     """A worker lost between an epoch's best.pt and its first last.pt leaves a folder with best.pt alone; the restarted
     group starts again in that folder, its job's own, instead of refusing it as another run's."""
     run_dir = copy_run(trained_run, tmp_path / "runs", names=("best.pt",))
-    rundir.mark_job(run_dir, "job-7")
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-7")
+    rundir.mark_job(run_dir, distributed.job_id())  # marked by this launch: this test's process is its agent
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
     result = run_main(*fast_args(mnist_dir, run_dir))
     assert result.returncode == 0, result.stderr
     assert [p.name for p in (tmp_path / "runs").iterdir()] == [run_dir.name]
     assert [row["epoch"] for row in load_checkpoint(run_dir / "last.pt")[1]["history"]] == [1]
     assert load_checkpoint(run_dir / "best.pt")[1]["config"]["epochs"] == 1  # the new run's, not the lost one's
+
+
+def test_a_new_launch_never_takes_over_an_earlier_launchs_run_of_the_same_job_id(
+    trained_run, mnist_dir, tmp_path, run_main, monkeypatch
+):
+    """A finished run marked by an earlier torchrun launch with the same --rdzv-id is left as it is by a new launch
+    whose first attempt died before it claimed a folder: the restart starts a run of its own."""
+    earlier = copy_run(trained_run, tmp_path / "runs")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-7")
+    this_launch = distributed.job_id()
+    assert this_launch.startswith("job-7\n")
+    # The earlier launch's agent: the same id and host, another process (a PID in use again cannot start twice).
+    host, pid, started = this_launch.splitlines()[1].rsplit(":", 2)
+    rundir.mark_job(earlier, f"job-7\n{host}:{pid}:{int(started) - 1}")
+    before = {p.name: p.read_bytes() for p in earlier.iterdir() if p.is_file()}
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # the first attempt died before claiming a folder
+    result = run_main(*fast_args(mnist_dir, tmp_path / "runs" / "new", "--epochs", 2))  # the earlier run's flags
+    assert result.returncode == 0, result.stderr
+    assert "continuing" not in result.stdout
+    assert {p.name: p.read_bytes() for p in earlier.iterdir() if p.is_file()} == before
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == sorted([earlier.name, "new"])
+
+
+def test_a_launch_is_known_by_any_of_its_agents(tmp_path):
+    """A marker names the launch's rdzv id and its agents, one per machine; a restart whose agents include any of
+    them (a machine replaced, the others the same) finds the run; the same id with other agents, or a marker from
+    before agents were named, does not."""
+    runs = tmp_path / "runs"
+    for name, marker in (("ours", "job\na:1:10\nb:2:20"), ("old-style", "job"), ("other", "job\nc:3:30")):
+        (runs / name).mkdir(parents=True)
+        rundir.mark_job(runs / name, marker)
+    assert rundir.job_run(runs, "job\nb:2:20\nd:4:40") == runs / "ours"
+    assert rundir.job_run(runs, "job\nd:4:40") is None
+    assert rundir.job_run(runs, "other-job\na:1:10") is None
 
 
 def test_checkpoints_hold_no_rng_state_and_the_readme_lists_every_key(trained_run):

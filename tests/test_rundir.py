@@ -1,8 +1,10 @@
 """Run folders: a new run never touches another run's files, two processes never share a folder,
 and the latest run is one call away."""
 
+import contextlib
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -13,7 +15,18 @@ import pytest
 import evaluate
 import rundir
 import train
-from conftest import ROOT, call_main, copy_run, fast_args, one_line_error, run_flags
+from conftest import (
+    PAUSED_TRAIN,
+    ROOT,
+    call_main,
+    copy_run,
+    fast_args,
+    interrupt_when_paused,
+    one_line_error,
+    paused_at,
+    run_flags,
+    start,
+)
 from model import load_checkpoint
 
 FAST = ["--no-download", "--val-size", "100", "--epochs", "1", "--batch-size", "50", "--device", "cpu"]
@@ -156,10 +169,12 @@ def test_interrupted_run_prints_the_command_that_resumes_it(mnist_dir, tmp_path,
     cfg = train.config.parse_args(["--data-dir", str(mnist_dir), "--out-dir", str(tmp_path), *FAST])
     assert train.run(cfg, stop_requested=lambda: True) == 130
     [folder] = run_folders(tmp_path)
+    assert rundir.read_status(folder) == {"status": "stopped"}
     command = capsys.readouterr().err.split("To continue: ")[1].split()
     assert command == ["python", "train.py", *run_flags(folder), "--resume"]
     assert run_main(*command[2:]).returncode == 0
     assert [row["epoch"] for row in load_checkpoint(folder / "last.pt")[1]["history"]] == [1]
+    assert rundir.read_status(folder) == {"status": "finished"}
 
 
 def test_the_run_folder_printed_is_there_or_said_removed(mnist_dir, tmp_path, run_main):
@@ -174,3 +189,95 @@ def test_the_run_folder_printed_is_there_or_said_removed(mnist_dir, tmp_path, ru
     assert done.returncode == 0 and f"run folder: {runs / 'b'}\n" in done.stdout and "removed" not in done.stdout
     refused = run_main(*fast_args(mnist_dir, runs / "b"))  # b holds a run: refused before it is claimed
     assert "already exists" in one_line_error(refused) and "run folder" not in refused.stdout
+
+
+@pytest.mark.parametrize("name", ["-x", "--lr"])
+def test_the_resume_command_of_a_run_named_like_a_flag_parses(mnist_dir, tmp_path, run_main, capsys, name):
+    """A run whose name begins with - prints a resume command (--run-name=-x) that the shell and train.py parse back
+    to that run, and that continues it."""
+    cfg = train.config.parse_args(
+        ["--data-dir", str(mnist_dir), "--out-dir", str(tmp_path), f"--run-name={name}", *FAST]
+    )
+    assert train.run(cfg, stop_requested=lambda: True) == 130
+    command = shlex.split(capsys.readouterr().err.split("To continue: ")[1])
+    assert command[:2] == ["python", "train.py"] and train.config.parse_args(command[2:]).run_name == name
+    assert run_main(*command[2:]).returncode == 0
+    assert [row["epoch"] for row in load_checkpoint(tmp_path / name / "last.pt")[1]["history"]] == [1]
+    again = one_line_error(run_main("--data-dir", mnist_dir, "--out-dir", tmp_path, f"--run-name={name}", *FAST))
+    assert f"continue it with --run-name={name} --resume" in again  # the message's own command parses too
+
+
+def test_a_run_name_that_names_a_file_says_so(mnist_dir, tmp_path, run_main):
+    """--run-name naming a file in the out dir is refused in one line that says so, not blamed on the out dir; the
+    file is untouched."""
+    (tmp_path / "notes").write_text("mine")
+    message = one_line_error(run_main(*fast_args(mnist_dir, tmp_path / "notes")))
+    assert message.startswith(f"error: run name notes names a file, {tmp_path / 'notes'}, not a run folder")
+    assert "out dir" not in message and (tmp_path / "notes").read_text() == "mine"
+
+
+@pytest.mark.parametrize("existed", [False, True])
+def test_a_first_run_that_saved_nothing_leaves_no_out_dir_it_made(tmp_path, run_main, existed):
+    """A run that fails before its first save removes the out dir too when it made it, and only then: an (empty) out
+    dir that was there before stays."""
+    runs = tmp_path / "deep" / "runs"
+    if existed:
+        runs.mkdir(parents=True)
+    failed = run_main(*fast_args(tmp_path / "no-data", runs / "a"))  # no MNIST there, and --no-download
+    assert "MNIST is not in" in one_line_error(failed)
+    assert runs.is_dir() == existed and (tmp_path / "deep").is_dir() == existed
+
+
+def test_a_run_that_saved_nothing_removes_only_its_own_files(mnist_dir, tmp_path, run_main):
+    """A failed run into a named folder removes the event files it wrote and its lock, never an earlier run's event
+    files (one killed with kill -9 before its first save) nor a user's file, and so keeps the folder."""
+    run_dir = tmp_path / "runs" / "a"
+    run_dir.mkdir(parents=True)
+    earlier = run_dir / "events.out.tfevents.1700000000.otherhost.4242.0"
+    earlier.write_bytes(b"an earlier run's curves")
+    (run_dir / "notes.txt").write_text("mine")
+    assert "MNIST is not in" in one_line_error(run_main(*fast_args(tmp_path / "no-data", run_dir)))
+    assert sorted(p.name for p in run_dir.iterdir()) == [earlier.name, "notes.txt"]
+
+
+def test_a_run_killed_before_its_first_save_leaves_what_the_docs_say(mnist_dir, tmp_path):
+    """kill -9 before the first save (it runs no code) leaves the folder that docs/runs.md describes: its lock, owner,
+    status "running" and its event file, with no process holding the lock; the tools pass it by (it has no best.pt)."""
+    out = tmp_path / "runs"
+    proc = start([sys.executable, PAUSED_TRAIN, "--data-dir", mnist_dir, "--out-dir", out, *FAST], env=paused_at(3))
+    interrupt_when_paused(proc, lambda: proc.send_signal(signal.SIGKILL))
+    [killed] = run_folders(out)
+    names = {p.name for p in killed.iterdir()}
+    events = {name for name in names if name.startswith("events.out.tfevents.")}
+    assert names - events == {rundir.LOCK, rundir.OWNER, rundir.STATUS} and len(events) == 1
+    assert rundir.read_status(killed) == {"status": "running"} and rundir.writer_of(killed) is None
+    with pytest.raises(rundir.UserError, match=r"has a best\.pt yet"):
+        rundir.find_checkpoint(None, out)
+
+
+NO_SPACE = "could not save runs/x/last.pt: No space left on device"
+
+
+@pytest.mark.parametrize(
+    "ending, expected",
+    [
+        ("finished", {"status": "finished"}),
+        ("returned", {"status": "stopped"}),  # train.py returns without "finished" only when a signal stopped it
+        (KeyboardInterrupt(), {"status": "stopped"}),
+        (
+            train.Diverged("training diverged in epoch 2 (loss is NaN or inf), most likely the learning rate ..."),
+            {"status": "died", "why": "training diverged in epoch 2 (loss is NaN or inf)"},
+        ),
+        (rundir.UserError(NO_SPACE), {"status": "failed", "why": NO_SPACE}),
+    ],
+)
+def test_a_run_status_says_how_it_ended(tmp_path, ending, expected):
+    """status.json says running while the block runs, then finished, stopped (Ctrl-C, or an end without finished),
+    died (the exception train.py names) with the error's first clause, or failed with the error."""
+    with contextlib.suppress(type(ending)), rundir.status_kept(tmp_path, died=train.Diverged):
+        during = rundir.read_status(tmp_path)
+        if ending == "finished":
+            rundir.write_status(tmp_path, "finished")
+        elif isinstance(ending, BaseException):
+            raise ending
+    assert during == {"status": "running"} and rundir.read_status(tmp_path) == expected

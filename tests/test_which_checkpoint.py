@@ -42,6 +42,31 @@ def test_find_checkpoint_takes_a_file_a_run_folder_a_run_name_or_the_latest(tmp_
         rundir.find_checkpoint("nope", runs)
 
 
+def test_the_tools_pass_over_a_dead_run_and_say_so_when_it_is_named(trained_run, tmp_path):
+    """A run that died (stuck at chance, or diverged) is never the latest run for the tools: they take the latest
+    usable one (a finished run, or one stopped with Ctrl-C); named, a dead run's line says first that it died; with
+    only dead runs, one line says so and how to use one anyway."""
+    runs = tmp_path / "runs"
+    for name, status, mtime in (("good", "finished", 1000), ("paused", "stopped", 2000), ("dead", "died", 3000)):
+        run = copy_run(trained_run, runs)
+        run = run.rename(runs / name)
+        rundir.write_status(run, status, "training is stuck at chance level" if status == "died" else "")
+        os.utime(run / "best.pt", (mtime, mtime))
+    assert rundir.find_checkpoint(None, runs) == runs / "paused" / "best.pt"  # a Ctrl-C'd run is not dead
+    assert rundir.latest_checkpoint(runs) == runs / "paused" / "best.pt"
+    dead = rundir.find_checkpoint("dead", runs)
+    line = rundir.describe_checkpoint(dead, read_checkpoint(dead))
+    assert line.startswith(f"using {dead}: run dead, which died (training is stuck at chance level), model cnn, ")
+    for name in ("good", "paused"):
+        rundir.write_status(runs / name, "died", "training diverged in epoch 1 (loss is NaN or inf)")
+    with pytest.raises(rundir.UserError) as error:
+        rundir.find_checkpoint(None, runs)
+    assert str(error.value) == (
+        f"every run in {runs}/ with a best.pt died, the latest {runs / 'dead'} (training is stuck at chance level); "
+        f"train a new one with `python train.py`, or pass a run's name to use it anyway"
+    )
+
+
 def test_the_describing_line_says_run_model_and_test_accuracy(trained_run):
     """The line names the file, its run folder, the model and the stored test accuracy; a checkpoint that was never
     tested (a last.pt) says so, with its epoch and validation accuracy."""
