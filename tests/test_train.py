@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import train
-from config import parse_args
+from config import Config, parse_args
 from conftest import N_TRAIN, REAL_DATA, fast_args, needs_real_data, run_cli, run_flags, write_mnist
 from data import load_splits
 from metrics import scores
@@ -34,6 +34,24 @@ def test_loss_drops_on_a_fixed_batch(tmp_path):
     assert train.main(args) == 0
     losses = [row["train_loss"] for row in load_checkpoint(tmp_path / "run" / "last.pt")[1]["history"]]
     assert len(losses) == 10 and losses[-1] < losses[0] / 2
+
+
+def test_the_gradient_reaching_the_optimizer_is_no_longer_than_the_clip(mnist_dir, tmp_path, monkeypatch):
+    """At every optimiser step, the gradient SGD is given is no longer than config.py's clip_grad_norm, on a run
+    whose gradients, unclipped, are longer than that at some step."""
+    clip, norms, sgd_step = Config().clip_grad_norm, [], torch.optim.SGD.step
+
+    def recording_step(optimizer, *args, **kwargs):
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norms.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item())
+        return sgd_step(optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", recording_step)
+    assert train.main(fast_args(mnist_dir, tmp_path / "unclipped", "--clip-grad-norm", 0, "--no-tensorboard")) == 0
+    assert len(norms) == STEPS_PER_EPOCH and max(norms) > clip > 0  # else this run could not show the clipping
+    norms.clear()
+    assert train.main(fast_args(mnist_dir, tmp_path / "clipped", "--no-tensorboard")) == 0
+    assert len(norms) == STEPS_PER_EPOCH and max(norms) <= clip * (1 + 1e-5)
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero():
