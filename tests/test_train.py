@@ -119,6 +119,24 @@ def test_loaded_checkpoint_gives_the_trained_models_logits(trained_run, mnist_di
     assert scores(model_logits(model, splits["test"].images), splits["test"].labels)[1] == ckpt["test_acc"]
 
 
+def test_best_pt_is_the_epoch_with_the_best_validation_accuracy(mnist_dir, tmp_path, monkeypatch):
+    """With validation accuracies 60%, 90%, 70%, best.pt holds epoch 2's weights (those of a run stopped after epoch
+    2), last.pt epoch 3's, and best.pt's test result is its own model's on the test set, not the last model's."""
+    flags = ("--schedule", "constant", "--no-tensorboard")  # so that epoch 2 of 3 is a 2-epoch run's last epoch
+    assert train.main(fast_args(mnist_dir, tmp_path / "two", "--epochs", 2, *flags)) == 0
+    accuracies, validate = iter([0.6, 0.9, 0.7]), train.validate
+    monkeypatch.setattr(train, "validate", lambda *args: (validate(*args)[0], next(accuracies)))
+    assert train.main(fast_args(mnist_dir, tmp_path / "three", "--epochs", 3, *flags)) == 0
+    (best, ckpt), (last, last_ckpt) = (load_checkpoint(tmp_path / "three" / name) for name in ("best.pt", "last.pt"))
+    assert ckpt["epoch"] == ckpt["best_epoch"] == last_ckpt["best_epoch"] == 2 and last_ckpt["epoch"] == 3
+    assert ckpt["best_val_acc"] == 0.9 and [row["val_acc"] for row in last_ckpt["history"]] == [0.6, 0.9, 0.7]
+    two = load_checkpoint(tmp_path / "two" / "last.pt")[0].state_dict()
+    assert all(torch.equal(two[k], v) for k, v in best.state_dict().items())
+    assert not torch.equal(two["fc.weight"], last.state_dict()["fc.weight"])
+    test = load_splits(mnist_dir, 100, 0, download=False)["test"]
+    assert (ckpt["test_loss"], ckpt["test_acc"]) == scores(model_logits(best, test.images, 500), test.labels)
+
+
 def test_resume_continues_the_epoch_count_and_history(mnist_dir, tmp_path):
     """--resume with more epochs starts after the saved epoch, extends the history and stretches the schedule."""
     assert train.main(fast_args(mnist_dir, tmp_path)) == 0
