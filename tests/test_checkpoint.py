@@ -98,3 +98,14 @@ def test_a_plain_pickle_is_one_line_without_torch_warnings(tmp_path, protocol, m
     path.write_bytes(pickle.dumps({"model": weights(), "model_name": "cnn", "model_args": {}}, protocol=protocol))
     result = run_cli("predict.py", tmp_path / "digit.png", "--checkpoint", path, timeout=60)
     assert message.format(path=path) in one_line_error(result)
+
+
+def test_a_checkpoint_saved_on_a_gpu_loads_on_the_cpu(tmp_path, monkeypatch):
+    """A checkpoint whose tensors were saved on a CUDA device (by torch.save by hand, say) loads on a machine without
+    one, on the CPU."""
+    monkeypatch.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")  # as a GPU machine tags them
+    torch.save({"model": weights(), "model_name": "cnn", "model_args": {}}, tmp_path / "gpu.pt")
+    monkeypatch.undo()
+    model, ckpt = load_checkpoint(tmp_path / "gpu.pt")
+    assert all(t.device.type == "cpu" for t in [*model.state_dict().values(), *ckpt["model"].values()])
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), weights().values()))
