@@ -3,13 +3,14 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import train
 from config import Config, parse_args
 from conftest import N_TRAIN, REAL_DATA, fast_args, needs_real_data, run_cli, run_flags, write_mnist
-from data import load_splits
+from data import load_splits, normalize
 from metrics import scores
-from model import load_checkpoint, model_logits
+from model import load_checkpoint, model_logits, predict
 
 STEPS_PER_EPOCH = (N_TRAIN - 100) // 50  # fast_args: val 100, batch 50
 
@@ -135,6 +136,19 @@ def test_best_pt_is_the_epoch_with_the_best_validation_accuracy(mnist_dir, tmp_p
     assert not torch.equal(two["fc.weight"], last.state_dict()["fc.weight"])
     test = load_splits(mnist_dir, 100, 0, download=False)["test"]
     assert (ckpt["test_loss"], ckpt["test_acc"]) == scores(model_logits(best, test.images, 500), test.labels)
+
+
+def test_evaluation_sees_the_images_as_they_are(trained_run, mnist_dir):
+    """Validation, the test and predict() score the images unwarped: their losses and answers are those of the model
+    called directly on the normalised pixels, with no project code between."""
+    model, ckpt = load_checkpoint(trained_run / "best.pt")
+    splits = load_splits(mnist_dir, 100, 0, download=False)
+    with torch.no_grad():
+        direct = {name: model(normalize(splits[name].images)) for name in ("val", "test")}
+    losses = {name: F.cross_entropy(logits, splits[name].labels).item() for name, logits in direct.items()}
+    assert ckpt["history"][ckpt["best_epoch"] - 1]["val_loss"] == pytest.approx(losses["val"], rel=1e-5)
+    assert ckpt["test_loss"] == pytest.approx(losses["test"], rel=1e-5)
+    assert torch.equal(predict(model, splits["test"].images, prepare=False)[0], direct["test"].argmax(dim=1))
 
 
 def test_resume_continues_the_epoch_count_and_history(mnist_dir, tmp_path):
