@@ -151,6 +151,17 @@ def test_evaluation_sees_the_images_as_they_are(trained_run, mnist_dir):
     assert torch.equal(predict(model, splits["test"].images, prepare=False)[0], direct["test"].argmax(dim=1))
 
 
+def test_the_validation_split_follows_split_seed_not_seed(mnist_dir, tmp_path):
+    """A run with another --seed validates on the images that split_seed holds out, as every run does: the
+    validation loss it recorded is its model's on them."""
+    split_seed = Config().split_seed
+    assert train.main(fast_args(mnist_dir, tmp_path, "--seed", split_seed + 1, "--no-tensorboard")) == 0
+    model, ckpt = load_checkpoint(tmp_path / "last.pt")
+    val = load_splits(mnist_dir, 100, split_seed, download=False)["val"]
+    loss = scores(model_logits(model, val.images, ckpt["config"]["eval_batch_size"]), val.labels)[0]
+    assert ckpt["history"][-1]["val_loss"] == pytest.approx(loss, rel=1e-5)
+
+
 def test_resume_continues_the_epoch_count_and_history(mnist_dir, tmp_path):
     """--resume with more epochs starts after the saved epoch, extends the history and stretches the schedule."""
     assert train.main(fast_args(mnist_dir, tmp_path)) == 0
