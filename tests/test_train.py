@@ -1,5 +1,6 @@
 import itertools
 import json
+from dataclasses import asdict, fields
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from conftest import N_TRAIN, REAL_DATA, fast_args, needs_real_data, run_cli, ru
 from data import load_splits, normalize
 from metrics import scores
 from model import load_checkpoint, model_logits, predict
+from test_config import other_value
 
 STEPS_PER_EPOCH = (N_TRAIN - 100) // 50  # fast_args: val 100, batch 50
 
@@ -172,6 +174,24 @@ def test_resume_continues_the_epoch_count_and_history(mnist_dir, tmp_path):
     assert last["history"][0] == first["history"][0]
     # The linear schedule had decayed to 0 at the old end; it is stretched to the new one instead.
     assert first["history"][0]["lr"] == 0.0 and last["history"][1]["lr"] > 0.0 and last["history"][2]["lr"] == 0.0
+
+
+# What docs/runs.md says --resume may change: where things are, how long and how fast it runs.
+RESUMABLE = {"data_dir", "download", "out_dir", "run_name", "resume", "epochs", "eval_batch_size", "device", "amp"}
+RESUMABLE |= {"compile", "tensorboard", "log_every", "dist_timeout"}
+
+
+@pytest.mark.parametrize("field", [f for f in fields(Config) if f.name not in RESUMABLE], ids=lambda f: f.name)
+def test_resume_refuses_every_setting_that_changes_what_is_learned(field):
+    """--resume refuses a new value of any setting outside where things are, how long and how fast (a list written
+    here, not read from train.py), naming it; one that is allowed is taken."""
+    saved = asdict(Config())
+    value = not saved[field.name] if field.type is bool else other_value(field, saved[field.name])
+    flag = f"--{'no-' * (value is False)}{field.name.replace('_', '-')}"
+    argv = [flag] if field.type is bool else [flag, str(value)]
+    with pytest.raises(train.UserError, match=rf"^cannot resume: the saved run differs in {field.name} "):
+        train.resume_config(saved, argv)
+    assert train.resume_config(saved, ["--epochs", "9", "--eval-batch-size", "7"]).epochs == 9
 
 
 # stop_requested() is asked after every step, and once more after each epoch's checkpoint.
