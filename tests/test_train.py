@@ -1,5 +1,6 @@
 import itertools
 import json
+import signal
 from dataclasses import asdict, fields
 
 import pytest
@@ -219,6 +220,20 @@ def test_a_stopped_and_resumed_run_matches_the_unbroken_run(mnist_dir, tmp_path,
         return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
 
     assert drop_time(a_ckpt["history"]) == drop_time(b_ckpt["history"])
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
+def test_a_first_signal_asks_to_stop_and_a_second_quits_at_once(signum):
+    """Ctrl-C (or SIGTERM) once only notes the request, for the loop to save last.pt and stop after its step; a second
+    quits at once with KeyboardInterrupt; afterwards the handlers are as they were."""
+    before = signal.getsignal(signum)
+    with train.stop_signals() as stop_requested:
+        assert not stop_requested()
+        signal.raise_signal(signum)
+        assert stop_requested()
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signum)
+    assert signal.getsignal(signum) is before
 
 
 def test_same_seed_gives_bitwise_identical_weights(mnist_dir, tmp_path):
