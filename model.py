@@ -93,8 +93,9 @@ def save_checkpoint(ckpt: dict, path) -> None:
 TORCH_LOAD_WARNINGS = ("Detected pickle protocol", "'torch.load' received a zip file that looks like a TorchScript")
 
 
-def read_checkpoint(path, device="cpu") -> dict:
-    """The checkpoint dict at `path`, loaded with weights_only=True so that no code in the file can run."""
+def read_checkpoint(path, device="cpu", needs=()) -> dict:
+    """The checkpoint dict at `path`, loaded with weights_only=True so that no code in the file can run; refused
+    in one line if it lacks one of the keys `needs` names (beyond the model's, which every use needs)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"no checkpoint at {path}; train one with `python train.py` or check the path")
@@ -121,12 +122,16 @@ def read_checkpoint(path, device="cpu") -> dict:
         raise UserError(
             f"{path} is a torch file but not a checkpoint of this project (no model, model_name, model_args)"
         )
+    lacking = [key for key in needs if key not in ckpt]
+    if lacking:
+        raise UserError(f"{path} holds a model but no {', '.join(lacking)}: it is not a whole checkpoint of train.py")
     return ckpt
 
 
-def load_checkpoint(path, device="cpu") -> tuple[nn.Module, dict]:
-    """Rebuild the model saved at `path`; return it on `device` in eval mode, with the checkpoint dict."""
-    ckpt = read_checkpoint(path, device)
+def load_checkpoint(path, device="cpu", needs=()) -> tuple[nn.Module, dict]:
+    """Rebuild the model saved at `path`; return it on `device` in eval mode, with the checkpoint dict (which must
+    hold the keys `needs` names too)."""
+    ckpt = read_checkpoint(path, device, needs)
     return rebuild_model(ckpt, path).to(device).eval(), ckpt
 
 

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 import predict
-from conftest import call_main, one_line_error, run_cli
+from conftest import call_main, copy_run, one_line_error, run_cli, run_flags
 from model import CNN, FCNN, load_checkpoint
 
 
@@ -109,3 +109,22 @@ def test_a_checkpoint_saved_on_a_gpu_loads_on_the_cpu(tmp_path, monkeypatch):
     model, ckpt = load_checkpoint(tmp_path / "gpu.pt")
     assert all(t.device.type == "cpu" for t in [*model.state_dict().values(), *ckpt["model"].values()])
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), weights().values()))
+
+
+# Every key of a last.pt beyond the model's three.
+RUN_KEYS = ["config", "optimizer", "scheduler", "scaler", "epoch", "epoch_progress", "history", "best_epoch"]
+RUN_KEYS += ["best_val_acc", "normalization", "torch_version", "world_size"]
+
+
+@pytest.mark.parametrize("key", RUN_KEYS)
+def test_resuming_a_last_pt_without_one_key_trains_on_or_names_the_key(trained_run, tmp_path, run_main, key):
+    """--resume of a last.pt that lacks any one key either trains on, or refuses in one line naming that key; never a
+    traceback."""
+    run = copy_run(trained_run, tmp_path)
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    assert sorted(ckpt.keys() - {"model", "model_name", "model_args"}) == sorted(RUN_KEYS)
+    del ckpt[key]
+    torch.save(ckpt, run / "last.pt")
+    result = run_main(*run_flags(run), "--resume", "--epochs", 3, "--no-tensorboard")
+    if result.returncode != 0:
+        assert f"{run / 'last.pt'} holds a model but no {key}: it is not a whole checkpoint" in one_line_error(result)
