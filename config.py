@@ -25,6 +25,11 @@ def opt(default, help, choices=None, low=None, high=None, positive=False):
     return field(default=default, metadata=dict(help=help, choices=choices, low=low, high=high, positive=positive))
 
 
+# data.epoch_order seeds a torch.Generator with seed * 100_003 + epoch, and torch takes seeds below 2**64 only:
+# this bound (1.8e14) leaves room for 100,003 epochs.
+SEED_HIGH = 2**64 // 100_003 - 1
+
+
 @dataclass
 class Config:
     # --- data ---
@@ -34,7 +39,10 @@ class Config:
     download: bool = opt(True, "download MNIST into data_dir when it is missing (--no-download to only read)")
     val_size: int = opt(5000, "training images held out for validation (1 to 59999)", low=1, high=59999)
     split_seed: int = opt(
-        0, "seed of the train/validation split; fixed so every run validates on the same images", low=0
+        0,
+        "seed of the train/validation split; fixed so every run validates on the same images",
+        low=0,
+        high=2**64 - 1,  # torch.Generator takes no more
     )
 
     # --- model ---
@@ -99,7 +107,10 @@ class Config:
 
     # --- run ---
     seed: int = opt(
-        0, "seed for weight initialisation and batch order; same seed, same weights on CPU with the same threads", low=0
+        0,
+        "seed for weight initialisation and batch order; same seed, same weights on CPU with the same threads",
+        low=0,
+        high=SEED_HIGH,
     )
     device: str = opt(
         "auto", "'auto': torch's accelerator (cuda, mps, xpu, ...) when there is one, else cpu; or a device type"

@@ -9,6 +9,7 @@ classes, probs = predict(model, ["photo.jpg"])       # files, PIL images, arrays
 import io
 import pickle
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -88,15 +89,29 @@ def save_checkpoint(ckpt: dict, path) -> None:
     atomic_write(path, buffer.getvalue())
 
 
-def read_checkpoint(path, device="cpu") -> dict:
-    """The checkpoint dict at `path`, loaded with weights_only=True so that no code in the file can run."""
+# The starts of the warnings torch.load gives for files that are not checkpoints (as torch 2.14 words them).
+TORCH_LOAD_WARNINGS = ("Detected pickle protocol", "'torch.load' received a zip file that looks like a TorchScript")
+
+
+def read_checkpoint(path, device="cpu", needs=()) -> dict:
+    """The checkpoint dict at `path`, loaded with weights_only=True so that no code in the file can run; refused
+    in one line if it lacks one of the keys `needs` names (beyond the model's, which every use needs)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"no checkpoint at {path}; train one with `python train.py` or check the path")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
+        with warnings.catch_warnings():
+            # A plain pickle or a TorchScript file makes torch warn before it fails: the one error line below says it.
+            for message in TORCH_LOAD_WARNINGS:
+                warnings.filterwarnings("ignore", message=message, category=UserWarning)
+            ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # garbage bytes make the unpickler fail in many ways (KeyError, EOFError, ...)
         wanted = re.search(r"GLOBAL (\S+)", str(e))  # a class or function the file wants to call while loading
+        if isinstance(e, pickle.UnpicklingError) and wanted and wanted[1] == "torch.storage._load_from_bytes":
+            raise UserError(  # how pickle.dump writes a tensor; that function loads it with code allowed to run
+                f"refused to load {path}: it was written with pickle.dump, whose tensors could run code while "
+                f"loading; save the dict with torch.save"
+            ) from None
         if isinstance(e, pickle.UnpicklingError) and wanted:
             raise UserError(
                 f"refused to load {path}: it would call {wanted[1]} while loading, which could run code; "
@@ -107,24 +122,61 @@ def read_checkpoint(path, device="cpu") -> dict:
         raise UserError(
             f"{path} is a torch file but not a checkpoint of this project (no model, model_name, model_args)"
         )
+    lacking = [key for key in needs if key not in ckpt]
+    if lacking:
+        raise UserError(f"{path} holds a model but no {', '.join(lacking)}: it is not a whole checkpoint of train.py")
     return ckpt
 
 
-def load_checkpoint(path, device="cpu") -> tuple[nn.Module, dict]:
-    """Rebuild the model saved at `path`; return it on `device` in eval mode, with the checkpoint dict."""
-    ckpt = read_checkpoint(path, device)
+def load_checkpoint(path, device="cpu", needs=()) -> tuple[nn.Module, dict]:
+    """Rebuild the model saved at `path`; return it on `device` in eval mode, with the checkpoint dict (which must
+    hold the keys `needs` names too)."""
+    ckpt = read_checkpoint(path, device, needs)
     return rebuild_model(ckpt, path).to(device).eval(), ckpt
 
 
 def rebuild_model(ckpt: dict, path) -> nn.Module:
-    """The model a checkpoint dict describes, with its weights (`path` names the file in errors)."""
-    model = build_model(ckpt["model_name"], **ckpt["model_args"])
+    """The model a checkpoint dict describes, with its weights (`path` names the file in errors).
+
+    Every part is checked before the model is built, so that a damaged or hand-edited dict gives one line, and
+    model_args such as a hidden size of 10**12 are refused before they allocate anything."""
+    name, args, weights = ckpt["model_name"], ckpt["model_args"], ckpt["model"]
+    if not isinstance(name, str) or name not in MODELS:
+        raise UserError(f"{path} holds a model_name of {short(name)}, not one of this project's: {', '.join(MODELS)}")
+    if not isinstance(args, dict):
+        raise UserError(f"{path} holds model_args of {short(args)}, where a dict of {name}'s arguments belongs")
     try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        detail = " ".join(str(e).split())
-        raise UserError(f"the weights in {path} do not fit a {ckpt['model_name']} model ({detail[:200]})") from None
+        with torch.device("meta"):  # shapes and dtypes without memory
+            wanted = MODELS[name](**args).state_dict()
+    except Exception as e:  # a wrong name, type or value makes the constructor fail in many ways
+        raise UserError(
+            f"{path} holds model_args {short(args)} that do not build a {name} model ({short(e)})"
+        ) from None
+    if not isinstance(weights, dict):
+        raise UserError(f"{path} holds its weights as a {type(weights).__name__}, where a state_dict (a dict) belongs")
+    for key, value in weights.items():
+        if not isinstance(value, torch.Tensor):
+            raise UserError(f"{path} holds a {type(value).__name__} as the weight {short(key)}, where a tensor belongs")
+    misfits = [f"no {k}" for k in wanted if k not in weights]
+    misfits += [f"unexpected {short(k)}" for k in weights if k not in wanted]
+    misfits += [
+        f"{k} is {tuple(weights[k].shape)} {weights[k].dtype}, not {tuple(t.shape)} {t.dtype}"
+        for k, t in wanted.items()
+        if k in weights and (weights[k].shape != t.shape or not torch.can_cast(weights[k].dtype, t.dtype))
+    ]
+    if misfits:
+        built = f"a {name} model" + (f" with {short(args)}" if args else "")
+        more = f"; and {len(misfits) - 3} more" if len(misfits) > 3 else ""
+        raise UserError(f"the weights in {path} do not fit {built} ({'; '.join(misfits[:3])}{more})")
+    model = build_model(name, **args)
+    model.load_state_dict(weights)
     return model
+
+
+def short(value, limit=80) -> str:
+    """repr(value) cut to `limit` characters, for an error line about a value that may be huge."""
+    text = " ".join(str(value).split()) if isinstance(value, Exception) else repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # --- inference ---------------------------------------------------------------------

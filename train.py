@@ -68,6 +68,20 @@ RESUMABLE_CHANGES = {
 }
 
 
+# What --resume reads from last.pt, beyond the model: the optimiser's state and State.record's keys.
+RESUME_KEYS = (
+    "config",
+    "optimizer",
+    "scheduler",
+    "scaler",
+    "epoch",
+    "epoch_progress",
+    "history",
+    "best_epoch",
+    "best_val_acc",
+)
+
+
 class Diverged(UserError):
     """Training failed: the loss became NaN or inf, or the network died. main() exits 1 rather than 2, since no
     input was wrong."""
@@ -132,7 +146,8 @@ def resume_point(cfg: Config, argv) -> tuple[Config, dict | None]:
         print(f"torchrun restarted this job (restart {distributed.restarts()}): continuing {run_dir}")
     else:
         run_dir = rundir.find_run(cfg.out_dir, cfg.run_name)
-    _, saved = load_checkpoint(run_dir / "last.pt")  # checks the weights fit before any process uses them
+    # Checks the weights fit, and that the file holds what resuming reads, before any process uses it.
+    _, saved = load_checkpoint(run_dir / "last.pt", needs=RESUME_KEYS)
     cfg = replace(resume_config(saved["config"], argv), out_dir=str(run_dir.parent), run_name=run_dir.name)
     done, step = saved["epoch"], saved["epoch_progress"]["step"]
     if cfg.epochs < done + (step > 0):  # the run would train nothing, drop a partly trained epoch, and be tested

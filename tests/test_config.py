@@ -5,6 +5,7 @@ import pytest
 import config
 from config import Config, UserError, parse_args
 from conftest import fast_args, one_line_error, run_cli
+from data import epoch_order, load_splits
 
 
 def test_no_flags_gives_the_defaults():
@@ -137,3 +138,21 @@ def test_escaping_run_name_writes_nothing(mnist_dir, tmp_path, run_main):
     message = one_line_error(run_main(*fast_args(mnist_dir, out / "x"), "--run-name", "../escape"))
     assert "must be one folder name" in message
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("flag, high", [("--seed", config.SEED_HIGH), ("--split-seed", 2**64 - 1)])
+def test_seeds_past_what_torch_takes_are_refused(flag, high, mnist_dir, tmp_path, run_main):
+    """The largest seed is taken, and the batch order (up to epoch 100,002) or the split it seeds is drawn; one more
+    is refused, and train.py refuses a larger one in one line before any work, where torch's generator used to
+    overflow in a traceback."""
+    name = flag[2:].replace("-", "_")
+    assert getattr(parse_args([flag, str(high)]), name) == high
+    if flag == "--seed":
+        assert len(epoch_order(10, high, 100_002, "cpu")) == 10
+    else:
+        assert len(load_splits(mnist_dir, 100, high, download=False)["val"]) == 100
+    with pytest.raises(UserError, match=rf"^{name} \({flag}\) must be <= {high}, got {high + 1}$"):
+        parse_args([flag, str(high + 1)])
+    message = one_line_error(run_main(*fast_args(mnist_dir, tmp_path / "run"), flag, 2 * high))
+    assert message == f"error: {name} ({flag}) must be <= {high}, got {2 * high}"
+    assert not tmp_path.joinpath("run").exists()

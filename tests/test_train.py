@@ -1,15 +1,19 @@
 import itertools
 import json
+import signal
+from dataclasses import asdict, fields
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import train
-from config import parse_args
+from config import Config, parse_args
 from conftest import N_TRAIN, REAL_DATA, fast_args, needs_real_data, run_cli, run_flags, write_mnist
-from data import load_splits
+from data import load_splits, normalize
 from metrics import scores
-from model import load_checkpoint, model_logits
+from model import load_checkpoint, model_logits, predict
+from test_config import other_value
 
 STEPS_PER_EPOCH = (N_TRAIN - 100) // 50  # fast_args: val 100, batch 50
 
@@ -34,6 +38,24 @@ def test_loss_drops_on_a_fixed_batch(tmp_path):
     assert train.main(args) == 0
     losses = [row["train_loss"] for row in load_checkpoint(tmp_path / "run" / "last.pt")[1]["history"]]
     assert len(losses) == 10 and losses[-1] < losses[0] / 2
+
+
+def test_the_gradient_reaching_the_optimizer_is_no_longer_than_the_clip(mnist_dir, tmp_path, monkeypatch):
+    """At every optimiser step, the gradient SGD is given is no longer than config.py's clip_grad_norm, on a run
+    whose gradients, unclipped, are longer than that at some step."""
+    clip, norms, sgd_step = Config().clip_grad_norm, [], torch.optim.SGD.step
+
+    def recording_step(optimizer, *args, **kwargs):
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norms.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item())
+        return sgd_step(optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", recording_step)
+    assert train.main(fast_args(mnist_dir, tmp_path / "unclipped", "--clip-grad-norm", 0, "--no-tensorboard")) == 0
+    assert len(norms) == STEPS_PER_EPOCH and max(norms) > clip > 0  # else this run could not show the clipping
+    norms.clear()
+    assert train.main(fast_args(mnist_dir, tmp_path / "clipped", "--no-tensorboard")) == 0
+    assert len(norms) == STEPS_PER_EPOCH and max(norms) <= clip * (1 + 1e-5)
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero():
@@ -101,6 +123,48 @@ def test_loaded_checkpoint_gives_the_trained_models_logits(trained_run, mnist_di
     assert scores(model_logits(model, splits["test"].images), splits["test"].labels)[1] == ckpt["test_acc"]
 
 
+def test_best_pt_is_the_epoch_with_the_best_validation_accuracy(mnist_dir, tmp_path, monkeypatch):
+    """With validation accuracies 60%, 90%, 70%, best.pt holds epoch 2's weights (those of a run stopped after epoch
+    2), last.pt epoch 3's, and best.pt's test result is its own model's on the test set, not the last model's."""
+    flags = ("--schedule", "constant", "--no-tensorboard")  # so that epoch 2 of 3 is a 2-epoch run's last epoch
+    assert train.main(fast_args(mnist_dir, tmp_path / "two", "--epochs", 2, *flags)) == 0
+    accuracies, validate = iter([0.6, 0.9, 0.7]), train.validate
+    monkeypatch.setattr(train, "validate", lambda *args: (validate(*args)[0], next(accuracies)))
+    assert train.main(fast_args(mnist_dir, tmp_path / "three", "--epochs", 3, *flags)) == 0
+    (best, ckpt), (last, last_ckpt) = (load_checkpoint(tmp_path / "three" / name) for name in ("best.pt", "last.pt"))
+    assert ckpt["epoch"] == ckpt["best_epoch"] == last_ckpt["best_epoch"] == 2 and last_ckpt["epoch"] == 3
+    assert ckpt["best_val_acc"] == 0.9 and [row["val_acc"] for row in last_ckpt["history"]] == [0.6, 0.9, 0.7]
+    two = load_checkpoint(tmp_path / "two" / "last.pt")[0].state_dict()
+    assert all(torch.equal(two[k], v) for k, v in best.state_dict().items())
+    assert not torch.equal(two["fc.weight"], last.state_dict()["fc.weight"])
+    test = load_splits(mnist_dir, 100, 0, download=False)["test"]
+    assert (ckpt["test_loss"], ckpt["test_acc"]) == scores(model_logits(best, test.images, 500), test.labels)
+
+
+def test_evaluation_sees_the_images_as_they_are(trained_run, mnist_dir):
+    """Validation, the test and predict() score the images unwarped: their losses and answers are those of the model
+    called directly on the normalised pixels, with no project code between."""
+    model, ckpt = load_checkpoint(trained_run / "best.pt")
+    splits = load_splits(mnist_dir, 100, 0, download=False)
+    with torch.no_grad():
+        direct = {name: model(normalize(splits[name].images)) for name in ("val", "test")}
+    losses = {name: F.cross_entropy(logits, splits[name].labels).item() for name, logits in direct.items()}
+    assert ckpt["history"][ckpt["best_epoch"] - 1]["val_loss"] == pytest.approx(losses["val"], rel=1e-5)
+    assert ckpt["test_loss"] == pytest.approx(losses["test"], rel=1e-5)
+    assert torch.equal(predict(model, splits["test"].images, prepare=False)[0], direct["test"].argmax(dim=1))
+
+
+def test_the_validation_split_follows_split_seed_not_seed(mnist_dir, tmp_path):
+    """A run with another --seed validates on the images that split_seed holds out, as every run does: the
+    validation loss it recorded is its model's on them."""
+    split_seed = Config().split_seed
+    assert train.main(fast_args(mnist_dir, tmp_path, "--seed", split_seed + 1, "--no-tensorboard")) == 0
+    model, ckpt = load_checkpoint(tmp_path / "last.pt")
+    val = load_splits(mnist_dir, 100, split_seed, download=False)["val"]
+    loss = scores(model_logits(model, val.images, ckpt["config"]["eval_batch_size"]), val.labels)[0]
+    assert ckpt["history"][-1]["val_loss"] == pytest.approx(loss, rel=1e-5)
+
+
 def test_resume_continues_the_epoch_count_and_history(mnist_dir, tmp_path):
     """--resume with more epochs starts after the saved epoch, extends the history and stretches the schedule."""
     assert train.main(fast_args(mnist_dir, tmp_path)) == 0
@@ -111,6 +175,24 @@ def test_resume_continues_the_epoch_count_and_history(mnist_dir, tmp_path):
     assert last["history"][0] == first["history"][0]
     # The linear schedule had decayed to 0 at the old end; it is stretched to the new one instead.
     assert first["history"][0]["lr"] == 0.0 and last["history"][1]["lr"] > 0.0 and last["history"][2]["lr"] == 0.0
+
+
+# What docs/runs.md says --resume may change: where things are, how long and how fast it runs.
+RESUMABLE = {"data_dir", "download", "out_dir", "run_name", "resume", "epochs", "eval_batch_size", "device", "amp"}
+RESUMABLE |= {"compile", "tensorboard", "log_every", "dist_timeout"}
+
+
+@pytest.mark.parametrize("field", [f for f in fields(Config) if f.name not in RESUMABLE], ids=lambda f: f.name)
+def test_resume_refuses_every_setting_that_changes_what_is_learned(field):
+    """--resume refuses a new value of any setting outside where things are, how long and how fast (a list written
+    here, not read from train.py), naming it; one that is allowed is taken."""
+    saved = asdict(Config())
+    value = not saved[field.name] if field.type is bool else other_value(field, saved[field.name])
+    flag = f"--{'no-' * (value is False)}{field.name.replace('_', '-')}"
+    argv = [flag] if field.type is bool else [flag, str(value)]
+    with pytest.raises(train.UserError, match=rf"^cannot resume: the saved run differs in {field.name} "):
+        train.resume_config(saved, argv)
+    assert train.resume_config(saved, ["--epochs", "9", "--eval-batch-size", "7"]).epochs == 9
 
 
 # stop_requested() is asked after every step, and once more after each epoch's checkpoint.
@@ -138,6 +220,20 @@ def test_a_stopped_and_resumed_run_matches_the_unbroken_run(mnist_dir, tmp_path,
         return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
 
     assert drop_time(a_ckpt["history"]) == drop_time(b_ckpt["history"])
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
+def test_a_first_signal_asks_to_stop_and_a_second_quits_at_once(signum):
+    """Ctrl-C (or SIGTERM) once only notes the request, for the loop to save last.pt and stop after its step; a second
+    quits at once with KeyboardInterrupt; afterwards the handlers are as they were."""
+    before = signal.getsignal(signum)
+    with train.stop_signals() as stop_requested:
+        assert not stop_requested()
+        signal.raise_signal(signum)
+        assert stop_requested()
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signum)
+    assert signal.getsignal(signum) is before
 
 
 def test_same_seed_gives_bitwise_identical_weights(mnist_dir, tmp_path):
