@@ -34,12 +34,28 @@ os.environ["OMP_NUM_THREADS"] = "1"
 
 # Real MNIST for the real-data checks: $MNIST_DATA_DIR, else the shared copy beside the repo.
 REAL_DATA = Path(os.environ.get("MNIST_DATA_DIR", ROOT.parent / "shared" / "data"))
-needs_real_data = pytest.mark.skipif(
-    not all((REAL_DATA / "MNIST" / "raw" / name).is_file() for names in RAW_FILES.values() for name in names),
-    reason=f"real MNIST not found in {REAL_DATA} (set MNIST_DATA_DIR)",
+REAL_DATA_MISSING = not all(
+    (REAL_DATA / "MNIST" / "raw" / name).is_file() for names in RAW_FILES.values() for name in names
 )
 
+
+def needs_real_data(test):
+    """Mark a test that reads real MNIST: skipped without it, and slow (left out of the inner loop below)."""
+    skip = pytest.mark.skipif(REAL_DATA_MISSING, reason=f"real MNIST not found in {REAL_DATA} (set MNIST_DATA_DIR)")
+    return pytest.mark.slow(skip(test))
+
 N_TRAIN, N_TEST = 600, 200
+
+# The inner loop, `python -m pytest -q -m "not slow"`, runs every module's own tests in about a minute and leaves out
+# the tests that need what takes long to start or to run: real MNIST (they train on it), a browser, torchrun's
+# processes, network namespaces. CI runs them all. Whole files here; single tests elsewhere carry the mark.
+SLOW_FILES = {"test_demo_browser.py", "test_web_browser.py", "test_distributed.py", "test_hosts.py"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.path.name in SLOW_FILES or "real_run" in item.fixturenames:
+            item.add_marker(pytest.mark.slow)
 
 
 def missing_tool(what: str, enable: str) -> NoReturn:
@@ -260,7 +276,7 @@ def real_run(tmp_path_factory) -> Path:
 
     Two epochs are safe since the recipe clips the gradient norm: 14 two-epoch runs of benchmarks/recipe_sweep.py
     (1 and 2 threads, torchrun) gave 99.08% to 99.23%, where the unclipped recipe left some at 11%."""
-    if not all((REAL_DATA / "MNIST" / "raw" / name).is_file() for names in RAW_FILES.values() for name in names):
+    if REAL_DATA_MISSING:
         pytest.skip(f"real MNIST not found in {REAL_DATA} (set MNIST_DATA_DIR)")
     import train
 

@@ -93,6 +93,7 @@ def step_losses(run_dir) -> list[tuple[int, float]]:
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="this torch has no torch.distributed")
+@pytest.mark.slow  # starts torchrun
 def test_torchrun_with_an_empty_share_logs_the_one_process_loss(mnist_dir, tmp_path):
     """Issue 19's reproduction on the synthetic data: 2 processes with a last batch of 1 image finish, and the step
     loss they log is the whole batch's, as one process logs it."""
