@@ -21,6 +21,7 @@ import os
 import socket
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
 import anyio.to_thread
@@ -225,6 +226,8 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(describe_checkpoint(checkpoint, ckpt), file=sys.stderr, flush=True)
+    # Pillow warns about what it skips in a damaged file (a tag, a short read): the file's one line says enough
+    warnings.filterwarnings("ignore", module="PIL")
     # One image is far too small to split across cores: requests run side by side instead, one thread each.
     torch.set_num_threads(1)
     host, port = sock.getsockname()[:2]

@@ -88,6 +88,50 @@ def test_an_image_without_ink_is_no_digit(picture):
         prepare_digit(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
+def encoded(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def wide(pixels: np.ndarray, mode: str) -> Image.Image:
+    """An image of a wide greyscale mode (I;16, I or F) holding `pixels`, as a scanner's file would decode."""
+    dtype = {"I;16": "<u2", "I": np.int32, "F": np.float32}[mode]
+    return Image.frombytes(mode, pixels.shape[::-1], pixels.astype(dtype).tobytes())
+
+
+@pytest.mark.parametrize("size", [(300, 220), (3000, 2200)])
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF"])
+def test_a_16_bit_scan_reads_exactly_as_its_8_bit_version(size, fmt):
+    """A 16-bit greyscale scan (PNG or TIFF, mode I;16) holding 257 times an 8-bit drawing gives exactly the digit
+    of the 8-bit file, small or larger than the working size (PIL would clip it to white, or fail to shrink it)."""
+    scale = size[0] / 300
+    box = tuple(round(v * scale) for v in (150, 40, 230, 180))
+    eight = np.asarray(drawn_seven(size=size, box=box, width=round(12 * scale)))
+    scan = wide(eight.astype(np.uint32) * 257, "I;16")
+    assert Image.open(io.BytesIO(encoded(scan, fmt))).mode == "I;16"
+    assert np.array_equal(prepare_digit(encoded(scan, fmt)), prepare_digit(encoded(Image.fromarray(eight), fmt)))
+
+
+@pytest.mark.parametrize("mode, scale, offset", [("I", 1000, -40_000), ("F", 1 / 255, 0.25)])
+def test_32_bit_and_float_scans_are_scaled_by_their_own_range(mode, scale, offset):
+    """A TIFF of 32-bit integers (I) or floats (F), whatever their range, reads as the 8-bit drawing stretched from
+    its darkest to its lightest pixel: exactly its digit."""
+    eight = np.asarray(drawn_seven(ink=30, paper=225), dtype=np.float64)
+    scan = encoded(wide(eight * scale + offset, mode), "TIFF")
+    assert Image.open(io.BytesIO(scan)).mode == mode
+    stretched = np.round((eight - 30) * (255 / (225 - 30))).astype(np.uint8)
+    assert np.array_equal(prepare_digit(scan), prepare_digit(encoded(Image.fromarray(stretched), "PNG")))
+
+
+def test_a_callers_own_image_is_never_changed():
+    """prepare_digit shrinks, turns and converts new images: the PIL image a caller passes keeps its size and pixels."""
+    image = drawn_seven(size=(1200, 880), box=(600, 160, 920, 720), width=48).convert("RGBA")
+    before = np.asarray(image).copy()
+    prepare_digit(image)
+    assert image.size == (1200, 880) and np.array_equal(np.asarray(image), before)
+
+
 def test_predict_prepares_every_form_of_image(tmp_path, trained_run):
     """predict() sends files, PIL images and arrays through prepare_digit, and matches prepare_digit + prepare=False."""
     model, _ = load_checkpoint(trained_run / "best.pt")
