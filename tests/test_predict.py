@@ -2,6 +2,9 @@
 
 import io
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,9 +12,9 @@ import torch
 from PIL import Image, ImageDraw
 
 import predict as predict_cli
-from conftest import call_main
+from conftest import ROOT, call_main
 from data import load_split
-from digits import NoDigit, prepare_digit
+from digits import NoDigit, prepare_digit, shrunk
 from fake_photos import photo_set, photograph
 from model import load_checkpoint, model_logits, predict
 
@@ -130,6 +133,50 @@ def test_a_callers_own_image_is_never_changed():
     before = np.asarray(image).copy()
     prepare_digit(image)
     assert image.size == (1200, 880) and np.array_equal(np.asarray(image), before)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "RGB", "L", "P"])
+def test_shrinking_in_bands_is_pillows_resize_pixel_for_pixel(mode):
+    """digits.shrunk, which averages blocks of pixels a band at a time, gives exactly Pillow's resize with the same
+    reducing gap (what thumbnail() does), for every mode and sizes that leave part blocks at the edges."""
+    rng = np.random.default_rng(4)
+    for width, height in ((1283, 961), (4000, 37), (700, 3001)):
+        image = Image.fromarray(rng.integers(0, 256, (height, width, 4), dtype=np.uint8)).convert(mode)
+        size = (97, max(1, round(height * 97 / width)))
+        expected = image.resize(size, Image.Resampling.LANCZOS, reducing_gap=2.0)
+        got = shrunk(image, size)
+        assert got.mode == expected.mode and np.array_equal(np.asarray(got), np.asarray(expected)), (width, height)
+
+
+MEASURE = """
+import sys
+from pathlib import Path
+from digits import prepare_digit
+
+def peak():
+    return int(next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM")).split()[1])
+
+data = Path(sys.argv[1]).read_bytes()
+before = peak()
+prepare_digit(data)
+print((peak() - before) * 1024)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the peak memory from /proc")
+@pytest.mark.parametrize("mode", ["RGBA", "RGB"])
+def test_a_large_image_is_held_once_while_it_is_prepared(tmp_path, mode):
+    """A 4000x4000 PNG (64 MB decoded: Pillow keeps 4 bytes a pixel) raises a fresh process's peak memory by about
+    the decoded image, not twice that: no copy of it is made to turn it, shrink it or premultiply its alpha."""
+    image = Image.new(mode, (4000, 4000), "white")
+    ImageDraw.Draw(image).line([(1000, 800), (3000, 800), (1700, 3200)], fill="black", width=300)
+    image.save(tmp_path / "large.png")
+    result = subprocess.run(
+        [sys.executable, "-c", MEASURE, tmp_path / "large.png"], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stderr
+    decoded = 4000 * 4000 * 4
+    assert int(result.stdout) < 1.4 * decoded, f"{int(result.stdout) / 2**20:.0f} MB"
 
 
 def test_predict_prepares_every_form_of_image(tmp_path, trained_run):
