@@ -15,7 +15,9 @@ from PIL import Image, ImageFilter, UnidentifiedImageError
 WORK_SIZE = 256  # longest side the cleaning works at: keeps strokes several pixels wide, and is quick
 INK_LEVEL = 0.25  # after cleaning, the share of the stroke's brightness from which a pixel counts as ink
 MIN_CONTRAST = 0.12  # ink must stand this far (on a 0-1 scale) above what is left of the background
-MAX_PIXELS = 64_000_000  # a 64-megapixel photo decodes to ~200 MB; a 60,000 x 60,000 PNG of a few hundred KB to 11 GB
+# 64 megapixels decode to 256 MB (Pillow keeps 4 bytes a pixel, RGB too; prepare_digit's peak memory grows by 255 MB
+# for an 8000x8000 PNG, measured); a 60,000 x 60,000 PNG of a few hundred KB would decode to 11 GB
+MAX_PIXELS = 64_000_000
 # The raster formats photos, scans and drawings come in. Pillow would otherwise try every plugin it has, and some
 # hand the file to another program: an EPS goes to Ghostscript, a PostScript interpreter, when it is installed.
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")

@@ -96,7 +96,7 @@ def phone_photo(megabytes: float = 9) -> bytes:
 
 
 def largest_png() -> bytes:
-    """An 8000x8000 RGBA PNG of a dark 7 on white: 64 megapixels (digits.MAX_PIXELS), 256 MB decoded, ~265 kB."""
+    """An 8000x8000 RGBA PNG of a dark 7 on white: 64 megapixels (digits.MAX_PIXELS), 256 MB decoded, 293 kB."""
     image = Image.new("RGBA", (8000, 8000), "white")
     ImageDraw.Draw(image).line([(2000, 1500), (6000, 1500), (3500, 6500)], fill=(30, 30, 30, 255), width=600)
     buffer = io.BytesIO()
