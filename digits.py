@@ -76,6 +76,7 @@ def load_image(source, draft: int | None = None) -> Image.Image:
         # struct.error, IndexError, ... as they meet it; each is one line about this file
         reason = " ".join(str(e).split())[:200] or type(e).__name__
         raise ValueError(f"cannot read it: the file is damaged or cut short ({reason})") from None
+    image = eight_bit(image)  # here, where the format is known, and before turning: a quarter of the bytes to turn
     try:  # phone photos store their rotation as an EXIF tag
         turn = UPRIGHT.get(image.getexif().get(ORIENTATION))
     except Exception:  # a damaged EXIF block, with its picture intact: read the picture as it is stored
@@ -87,7 +88,8 @@ def eight_bit(image: Image.Image) -> Image.Image:
     """A greyscale image of a wide mode as mode L: 16-bit (I;16, as scanners write PNG and TIFF) divided by 257, so
     that it reads exactly as its 8-bit version; 32-bit integers (I) and floats (F) scaled by their own range. PIL's
     convert("L") would clip every value to 255. Other modes are returned as they are."""
-    if image.mode.startswith("I;16"):
+    if image.mode.startswith("I;16") or (image.mode == "I" and image.format == "PNG"):  # Pillow 10.1 opens a
+        # 16-bit greyscale PNG as I (10.4 as I;16): a PNG holds no wider integers
         low, high = 0, 65535
     elif image.mode in ("I", "F"):
         low, high = image.getextrema()
@@ -106,7 +108,7 @@ def eight_bit(image: Image.Image) -> Image.Image:
 
 def small_image(source) -> Image.Image:
     """The image decoded (a JPEG in draft mode, at no less than twice the working size: the LANCZOS resize below still
-    does the smoothing), wide greyscale made 8-bit, and shrunk to WORK_SIZE at most. This is the step of
+    does the smoothing), wide greyscale made 8-bit (a caller's own PIL image too), and shrunk to WORK_SIZE at most. This is the step of
     prepare_digit that holds the full-size image, once: resize returns a new image rather than copying it to
     shrink in place, so a caller's own PIL image is never changed."""
     image = eight_bit(load_image(source, draft=2 * WORK_SIZE))
@@ -117,9 +119,10 @@ def small_image(source) -> Image.Image:
 
 
 def shrunk(image: Image.Image, size: tuple[int, int], gap: float = 2.0) -> Image.Image:
-    """image.resize(size, LANCZOS, reducing_gap=gap), as thumbnail() makes it, step for step and pixel for pixel, but
-    without a second full-size image: Pillow first converts the whole of an image with alpha to premultiplied alpha
-    (RGBA to RGBa: 256 MB more for 64 megapixels). Here the first step, an average over blocks of factor x factor
+    """image.resize(size, LANCZOS, reducing_gap=gap), as thumbnail() makes it, step for step and pixel for pixel
+    (with alpha, as Pillow 13 does: up to 11 it skips the reducing step there), but without a second full-size
+    image: Pillow first converts the whole of an image with alpha to premultiplied alpha (RGBA to RGBa: 256 MB
+    more for 64 megapixels). Here the first step, an average over blocks of factor x factor
     pixels, runs on bands of whole blocks; the LANCZOS resize then works on the image that much smaller."""
     factor = (int(image.width / size[0] / gap) or 1, int(image.height / size[1] / gap) or 1)
     if image.mode in ("1", "P") or factor == (1, 1):  # 1 and P: nearest neighbour, which makes no copy anyway

@@ -112,7 +112,7 @@ def test_a_16_bit_scan_reads_exactly_as_its_8_bit_version(size, fmt):
     box = tuple(round(v * scale) for v in (150, 40, 230, 180))
     eight = np.asarray(drawn_seven(size=size, box=box, width=round(12 * scale)))
     scan = wide(eight.astype(np.uint32) * 257, "I;16")
-    assert Image.open(io.BytesIO(encoded(scan, fmt))).mode == "I;16"
+    assert Image.open(io.BytesIO(encoded(scan, fmt))).mode in ("I;16", "I")  # I: a PNG in Pillow 10.1
     assert np.array_equal(prepare_digit(encoded(scan, fmt)), prepare_digit(encoded(Image.fromarray(eight), fmt)))
 
 
@@ -138,12 +138,15 @@ def test_a_callers_own_image_is_never_changed():
 @pytest.mark.parametrize("mode", ["RGBA", "LA", "RGB", "L", "P"])
 def test_shrinking_in_bands_is_pillows_resize_pixel_for_pixel(mode):
     """digits.shrunk, which averages blocks of pixels a band at a time, gives exactly Pillow's resize with the same
-    reducing gap (what thumbnail() does), for every mode and sizes that leave part blocks at the edges."""
+    reducing gap (what thumbnail() does; with alpha, on premultiplied pixels), for every mode and sizes that leave
+    part blocks at the edges."""
     rng = np.random.default_rng(4)
+    premultiplied = {"LA": "La", "RGBA": "RGBa"}.get(mode, mode)  # written out: Pillow 11 skips the gap with alpha
     for width, height in ((1283, 961), (4000, 37), (700, 3001)):
         image = Image.fromarray(rng.integers(0, 256, (height, width, 4), dtype=np.uint8)).convert(mode)
         size = (97, max(1, round(height * 97 / width)))
-        expected = image.resize(size, Image.Resampling.LANCZOS, reducing_gap=2.0)
+        resized = image.convert(premultiplied).resize(size, Image.Resampling.LANCZOS, reducing_gap=2.0)
+        expected = resized.convert(mode)
         got = shrunk(image, size)
         assert got.mode == expected.mode and np.array_equal(np.asarray(got), np.asarray(expected)), (width, height)
 
