@@ -66,7 +66,7 @@ def usable_cpus() -> int:
 WORKERS = usable_cpus()
 # Images held at full size at once (decoded, not yet shrunk to digits.WORK_SIZE), whatever the number of cores: one
 # is up to digits.MAX_PIXELS (64 MP, 256 MB as RGBA), so this, not the cores, bounds the memory decoding takes.
-# Decoding is the short start of a request's work; the rest runs on every worker at once.
+# Only decoding waits for this; the cleaning and the forward pass run on every worker at once.
 DECODES = 2
 decoding = threading.BoundedSemaphore(DECODES)
 # Requests that may hold a body at once: being received, waiting for a worker or being decoded. Each holds at
