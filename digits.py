@@ -39,9 +39,9 @@ class NoDigit(ValueError):
 
 def load_image(source, draft: int | None = None) -> Image.Image:
     """A PIL image from a path, a file object, raw bytes, a numpy array or a PIL image, whose file is in one of
-    FORMATS, decoded and turned upright as its EXIF says. Raises ValueError, whatever is wrong with the file. With
-    `draft`, a JPEG is decoded at 1/2, 1/4 or 1/8 of its size as long as both sides stay at least `draft` pixels: a
-    12-megapixel photo in a fraction of the time and memory."""
+    FORMATS, decoded, turned upright as its EXIF says, and 8-bit if it was wider greyscale (eight_bit). Raises
+    ValueError, whatever is wrong with the file. With `draft`, a JPEG is decoded at 1/2, 1/4 or 1/8 of its size as
+    long as both sides stay at least `draft` pixels: a 12-megapixel photo in a fraction of the time and memory."""
     if isinstance(source, Image.Image):
         return source
     if isinstance(source, np.ndarray):
@@ -76,11 +76,11 @@ def load_image(source, draft: int | None = None) -> Image.Image:
         # struct.error, IndexError, ... as they meet it; each is one line about this file
         reason = " ".join(str(e).split())[:200] or type(e).__name__
         raise ValueError(f"cannot read it: the file is damaged or cut short ({reason})") from None
-    image = eight_bit(image)  # here, where the format is known, and before turning: a quarter of the bytes to turn
     try:  # phone photos store their rotation as an EXIF tag
         turn = UPRIGHT.get(image.getexif().get(ORIENTATION))
     except Exception:  # a damaged EXIF block, with its picture intact: read the picture as it is stored
         turn = None
+    image = eight_bit(image)  # here, where the format is known, and before turning: fewer bytes to turn
     return image.transpose(turn) if turn is not None else image  # turning copies: only a turned image pays for it
 
 
@@ -107,10 +107,10 @@ def eight_bit(image: Image.Image) -> Image.Image:
 
 
 def small_image(source) -> Image.Image:
-    """The image decoded (a JPEG in draft mode, at no less than twice the working size: the LANCZOS resize below still
-    does the smoothing), wide greyscale made 8-bit (a caller's own PIL image too), and shrunk to WORK_SIZE at most. This is the step of
-    prepare_digit that holds the full-size image, once: resize returns a new image rather than copying it to
-    shrink in place, so a caller's own PIL image is never changed."""
+    """The image decoded (a JPEG in draft mode, at no less than twice the working size: the LANCZOS resize below
+    still does the smoothing), wide greyscale made 8-bit (a caller's own PIL image too), and shrunk to WORK_SIZE at
+    most. This is the step of prepare_digit that holds the full-size image, once: shrinking makes a new image
+    rather than copying it to shrink in place, so a caller's own PIL image is never changed."""
     image = eight_bit(load_image(source, draft=2 * WORK_SIZE))
     if max(image.size) > WORK_SIZE:
         scale = WORK_SIZE / max(image.size)
@@ -122,8 +122,8 @@ def shrunk(image: Image.Image, size: tuple[int, int], gap: float = 2.0) -> Image
     """image.resize(size, LANCZOS, reducing_gap=gap), as thumbnail() makes it, step for step and pixel for pixel
     (with alpha, as Pillow 13 does: up to 11 it skips the reducing step there), but without a second full-size
     image: Pillow first converts the whole of an image with alpha to premultiplied alpha (RGBA to RGBa: 256 MB
-    more for 64 megapixels). Here the first step, an average over blocks of factor x factor
-    pixels, runs on bands of whole blocks; the LANCZOS resize then works on the image that much smaller."""
+    more for 64 megapixels). Here the first step, an average over blocks of factor x factor pixels, runs on bands
+    of whole blocks; the LANCZOS resize then works on the image that much smaller."""
     factor = (int(image.width / size[0] / gap) or 1, int(image.height / size[1] / gap) or 1)
     if image.mode in ("1", "P") or factor == (1, 1):  # 1 and P: nearest neighbour, which makes no copy anyway
         return image.resize(size, Image.Resampling.LANCZOS, reducing_gap=gap)

@@ -116,6 +116,17 @@ def test_a_16_bit_scan_reads_exactly_as_its_8_bit_version(size, fmt):
     assert np.array_equal(prepare_digit(encoded(scan, fmt)), prepare_digit(encoded(Image.fromarray(eight), fmt)))
 
 
+def test_a_16_bit_scan_is_turned_upright_as_its_exif_says():
+    """A 16-bit scan whose EXIF says to turn it a quarter gives the digit of the 8-bit drawing turned so."""
+    eight = drawn_seven(size=(300, 220))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to show it
+    buffer = io.BytesIO()
+    wide(np.asarray(eight).astype(np.uint32) * 257, "I;16").save(buffer, format="PNG", exif=exif)
+    upright = eight.transpose(Image.Transpose.ROTATE_270)
+    assert np.array_equal(prepare_digit(buffer.getvalue()), prepare_digit(upright))
+
+
 @pytest.mark.parametrize("mode, scale, offset", [("I", 1000, -40_000), ("F", 1 / 255, 0.25)])
 def test_32_bit_and_float_scans_are_scaled_by_their_own_range(mode, scale, offset):
     """A TIFF of 32-bit integers (I) or floats (F), whatever their range, reads as the 8-bit drawing stretched from
