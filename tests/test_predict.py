@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 
 import predict as predict_cli
 from conftest import ROOT, call_main
 from data import load_split
-from digits import NoDigit, prepare_digit, shrunk
+from digits import NoDigit, load_image, prepare_digit, shrunk
 from fake_photos import photo_set, photograph
 from model import load_checkpoint, model_logits, predict
 
@@ -114,6 +114,18 @@ def test_a_16_bit_scan_reads_exactly_as_its_8_bit_version(size, fmt):
     scan = wide(eight.astype(np.uint32) * 257, "I;16")
     assert Image.open(io.BytesIO(encoded(scan, fmt))).mode in ("I;16", "I")  # I: a PNG in Pillow 10.1
     assert np.array_equal(prepare_digit(encoded(scan, fmt)), prepare_digit(encoded(Image.fromarray(eight), fmt)))
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_each_exif_orientation_turns_the_photo_as_pillow_does(orientation):
+    """A phone's JPEG with each of the 8 EXIF orientations is turned by load_image as ImageOps.exif_transpose turns it."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    drawn_seven().convert("RGB").save(buffer, format="JPEG", exif=exif)
+    expected = ImageOps.exif_transpose(Image.open(io.BytesIO(buffer.getvalue())))
+    got = load_image(buffer.getvalue())
+    assert got.size == expected.size and np.array_equal(np.asarray(got), np.asarray(expected))
 
 
 def test_a_16_bit_scan_is_turned_upright_as_its_exif_says():
