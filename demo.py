@@ -49,7 +49,7 @@ STATIC = Path(__file__).resolve().parent / "static"
 MAX_BYTES = 10 * 2**20  # a phone photo is 2-8 MB; reading stops at this many bytes of body, whatever the headers say
 QUEUE = 100  # requests that may wait for a turn to send their body; past that, 503 (docs/demo.md says why 100)
 BODY_SECONDS = 30  # the whole body must arrive within this: 10 MB needs 2.8 Mbit/s; a trickle is cut off
-HEADER_SECONDS = 10  # and the request's headers within this of the connection opening; else it is closed
+HEADER_SECONDS = 20  # the headers, from the connection opening; a browser may open one seconds ahead of its request
 DRAIN_BYTES = 4 * MAX_BYTES  # read and dropped after a refusal (see refuse), so that the client sees the answer
 
 

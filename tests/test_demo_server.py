@@ -222,14 +222,17 @@ def test_requests_past_the_held_bodies_wait_unread_and_past_the_queue_get_503(se
     body = form(picture)
     request = head(f"Content-Length: {len(body)}") + body
     half = len(request) // 2
-    received, waiting = [connect(server) for _ in range(BODIES)], [connect(server) for _ in range(QUEUE)]
+    received, waiting = [], []  # each connects just before it sends: its headers have HEADER_SECONDS to arrive
     try:
-        for sock in received:  # half a body each, which the server reads: it holds them
+        for _ in range(BODIES):  # half a body each, which the server reads: it holds them
+            sock = connect(server)
+            received.append(sock)
             sending = send_in_background(sock, [request[:half]])
             deadline = time.monotonic() + SECONDS / 2  # then the server would cut it off
             while (sending["thread"].is_alive() or unread(server, sock)) and time.monotonic() < deadline:
                 time.sleep(0.01)
             assert unread(server, sock) == 0, "the server did not read a body while it held fewer than BODIES"
+        waiting += [connect(server) for _ in range(QUEUE)]
         senders = [send_in_background(sock, [request]) for sock in waiting]
         time.sleep(0.3)  # time for the server to read them, if it would
         for sock in waiting:  # uvicorn reads up to 64 KB before the app asks; the rest stays in the kernel
