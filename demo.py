@@ -9,8 +9,9 @@ multipart field `image`. Every image goes through the one path predict.py uses: 
 then model.predict. The answer is {"digit", "confidence", "probabilities", "prepared"}, where
 `prepared` is the 28x28 digit the network saw, as a PNG data URL. Bad input gets a 4xx with
 {"error": "<one line>"}, a failure of the server's own gets a 500 of the same shape (its traceback goes
-to stderr), and the server goes on serving. The limits (body size, time to send it, bodies held at once,
-requests waiting) are the constants below; docs/demo.md says why each is what it is.
+to stderr), and the server goes on serving. The limits (body size, time to send the headers and the body, bodies
+held at once, requests waiting, images decoded at once) are the constants below; docs/demo.md says why each is
+what it is.
 """
 
 import argparse
@@ -20,10 +21,13 @@ import io
 import os
 import socket
 import sys
+import threading
 import traceback
+import warnings
 from pathlib import Path
 
 import anyio.to_thread
+import h11  # uvicorn's own dependency: the HTTP/1.1 parser its protocol below runs on
 import torch
 import uvicorn
 from fastapi import FastAPI, Request
@@ -34,9 +38,10 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from config import Config, Parser, UserError, exit_script
-from digits import NoDigit, prepare_digit
+from digits import NoDigit, prepare_digit, small_image
 from model import load_checkpoint, predict
 from rundir import describe_checkpoint, find_checkpoint
 
@@ -44,6 +49,7 @@ STATIC = Path(__file__).resolve().parent / "static"
 MAX_BYTES = 10 * 2**20  # a phone photo is 2-8 MB; reading stops at this many bytes of body, whatever the headers say
 QUEUE = 100  # requests that may wait for a turn to send their body; past that, 503 (docs/demo.md says why 100)
 BODY_SECONDS = 30  # the whole body must arrive within this: 10 MB needs 2.8 Mbit/s; a trickle is cut off
+HEADER_SECONDS = 20  # the headers, from the connection opening; a browser may open one seconds ahead of its request
 DRAIN_BYTES = 4 * MAX_BYTES  # read and dropped after a refusal (see refuse), so that the client sees the answer
 
 
@@ -56,9 +62,13 @@ def usable_cpus() -> int:
     return os.cpu_count() or 1
 
 
-# Images decoded at once. One is up to digits.MAX_PIXELS (64 MP: ~256 MB as RGBA, plus copies); more decodes
-# than cores only share the cores and multiply the memory.
+# Requests worked on at once, one thread each: more than cores would only share the cores.
 WORKERS = usable_cpus()
+# Images held at full size at once (decoded, not yet shrunk to digits.WORK_SIZE), whatever the number of cores: one
+# is up to digits.MAX_PIXELS (64 MP, 256 MB as RGBA), so this, not the cores, bounds the memory decoding takes.
+# Only decoding waits for this; the cleaning and the forward pass run on every worker at once.
+DECODES = 2
+decoding = threading.BoundedSemaphore(DECODES)
 # Requests that may hold a body at once: being received, waiting for a worker or being decoded. Each holds at
 # most MAX_BYTES (1 MB of it in memory, the rest in a temporary file), so this bounds the memory; 4 per worker
 # keep the workers fed while others upload. The rest wait unread (QUEUE).
@@ -104,6 +114,8 @@ def data_url(digit) -> str:
 
 def classify(model, image) -> dict:
     """The answer for one encoded image (bytes or a file object). Raises ValueError (NoDigit when no ink stands out)."""
+    with decoding:
+        image = small_image(image)
     digit = prepare_digit(image)
     # Many threads may run this at once: an eval-mode forward under inference_mode only reads the weights.
     probs = predict(model, digit, prepare=False)[1][0].tolist()
@@ -172,6 +184,40 @@ def create_app(
     return app
 
 
+class Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with a deadline for a request's headers, which uvicorn has not (its keep-alive
+    timeout ends only a connection that sends nothing after an answer): a connection whose request headers are not
+    complete HEADER_SECONDS after it opened, or after the first byte of its next request, is closed. Without it, a
+    client that sends half a request line and stops holds a socket, and one file descriptor, for ever."""
+
+    header_timer = None
+
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        self.header_timer = self.loop.call_later(HEADER_SECONDS, self.headers_too_late)
+
+    def data_received(self, data: bytes):
+        super().data_received(data)
+        if self.conn.their_state is not h11.IDLE:  # the headers are in (the body has BODY_SECONDS of its own)
+            self.stop_timer()
+        elif self.header_timer is None:  # the first bytes of a next request on a kept-alive connection
+            self.header_timer = self.loop.call_later(HEADER_SECONDS, self.headers_too_late)
+
+    def connection_lost(self, exc):
+        self.stop_timer()
+        super().connection_lost(exc)
+
+    def stop_timer(self):
+        if self.header_timer is not None:
+            self.header_timer.cancel()
+            self.header_timer = None
+
+    def headers_too_late(self):
+        self.header_timer = None
+        if self.conn.their_state is h11.IDLE:
+            self.transport.close()
+
+
 def port(text: str) -> int:
     """--port's type: a TCP port, 0 to 65535."""
     if not (text.isdigit() and int(text) <= 65535):
@@ -225,12 +271,17 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(describe_checkpoint(checkpoint, ckpt), file=sys.stderr, flush=True)
+    # Pillow warns about what it skips in a damaged file (a tag, a short read): the file's one line says enough
+    warnings.filterwarnings("ignore", module="PIL")
     # One image is far too small to split across cores: requests run side by side instead, one thread each.
     torch.set_num_threads(1)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(f"serving the demo on http://{shown}:{port}  (Ctrl-C stops it)", flush=True)
-    server = uvicorn.Server(uvicorn.Config(create_app(model), log_level="warning"))
+    # h11, always: uvicorn would take httptools whenever it is installed (uvicorn[standard]), which parses otherwise
+    # (it refuses a Content-Length beside chunked encoding) and has no header deadline here; one parser everywhere
+    # is the one the tests check. Parsing costs microseconds of a request's milliseconds, so speed is no reason.
+    server = uvicorn.Server(uvicorn.Config(create_app(model), http=Protocol, log_level="warning"))
     with contextlib.suppress(KeyboardInterrupt):  # uvicorn finishes the requests under way on Ctrl-C, then re-raises it
         server.run(sockets=[sock])
     print("stopped", flush=True)

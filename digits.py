@@ -7,17 +7,30 @@ only after the same steps, so predict.py, model.predict() and the notebook all c
 """
 
 import io
+import math
 
 import numpy as np
-from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFilter, UnidentifiedImageError
 
 WORK_SIZE = 256  # longest side the cleaning works at: keeps strokes several pixels wide, and is quick
 INK_LEVEL = 0.25  # after cleaning, the share of the stroke's brightness from which a pixel counts as ink
 MIN_CONTRAST = 0.12  # ink must stand this far (on a 0-1 scale) above what is left of the background
-MAX_PIXELS = 64_000_000  # a 64-megapixel photo decodes to ~200 MB; a 60,000 x 60,000 PNG of a few hundred KB to 11 GB
+# 64 megapixels decode to 256 MB (Pillow keeps 4 bytes a pixel, RGB too; prepare_digit's peak memory grows by 255 MB
+# for an 8000x8000 PNG, measured); a 60,000 x 60,000 PNG of a few hundred KB would decode to 11 GB
+MAX_PIXELS = 64_000_000
 # The raster formats photos, scans and drawings come in. Pillow would otherwise try every plugin it has, and some
 # hand the file to another program: an EPS goes to Ghostscript, a PostScript interpreter, when it is installed.
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+ORIENTATION = 0x0112  # the EXIF tag in which a camera says how to turn the picture upright, as ImageOps reads it
+UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
 class NoDigit(ValueError):
@@ -26,8 +39,9 @@ class NoDigit(ValueError):
 
 def load_image(source, draft: int | None = None) -> Image.Image:
     """A PIL image from a path, a file object, raw bytes, a numpy array or a PIL image, whose file is in one of
-    FORMATS. Raises ValueError. With `draft`, a JPEG is decoded at 1/2, 1/4 or 1/8 of its size as long as both
-    sides stay at least `draft` pixels: a 12-megapixel photo in a fraction of the time and memory."""
+    FORMATS, decoded, turned upright as its EXIF says, and 8-bit if it was wider greyscale (eight_bit). Raises
+    ValueError, whatever is wrong with the file. With `draft`, a JPEG is decoded at 1/2, 1/4 or 1/8 of its size as
+    long as both sides stay at least `draft` pixels: a 12-megapixel photo in a fraction of the time and memory."""
     if isinstance(source, Image.Image):
         return source
     if isinstance(source, np.ndarray):
@@ -37,14 +51,6 @@ def load_image(source, draft: int | None = None) -> Image.Image:
         source = io.BytesIO(source)
     try:
         image = Image.open(source, formats=FORMATS)  # reads only the header: the size is known before any pixel
-        if image.width * image.height > MAX_PIXELS:
-            raise ValueError(
-                f"{image.width}x{image.height} pixels is more than the {MAX_PIXELS // 10**6}-megapixel "
-                f"limit; scale the image down"
-            )
-        if draft and image.format in ("JPEG", "MPO"):  # MPO: a phone's JPEG that holds more pictures (depth, ...)
-            image.draft(image.mode, (draft, draft))
-        image.load()
     except Image.DecompressionBombError:  # PIL's own, larger limit trips inside open() for the very largest
         raise ValueError(f"more than the {MAX_PIXELS // 10**6}-megapixel limit; scale the image down") from None
     except FileNotFoundError:
@@ -55,7 +61,81 @@ def load_image(source, draft: int | None = None) -> Image.Image:
         raise ValueError(f"not a {', '.join(FORMATS[:-1])} or {FORMATS[-1]} image") from None
     except OSError as e:
         raise ValueError(f"cannot read it ({e.strerror or e})") from None
-    return ImageOps.exif_transpose(image)  # phone photos store their rotation as a tag
+    if image.width * image.height > MAX_PIXELS:
+        raise ValueError(
+            f"{image.width}x{image.height} pixels is more than the {MAX_PIXELS // 10**6}-megapixel "
+            f"limit; scale the image down"
+        )
+    try:
+        if draft and image.format in ("JPEG", "MPO"):  # MPO: a phone's JPEG that holds more pictures (depth, ...)
+            image.draft(image.mode, (draft, draft))
+        image.load()
+    except MemoryError:  # the machine's trouble, not the file's
+        raise
+    except Exception as e:  # a damaged file: Pillow's decoders raise OSError, SyntaxError, ValueError, TypeError,
+        # struct.error, IndexError, ... as they meet it; each is one line about this file
+        reason = " ".join(str(e).split())[:200] or type(e).__name__
+        raise ValueError(f"cannot read it: the file is damaged or cut short ({reason})") from None
+    try:  # phone photos store their rotation as an EXIF tag
+        turn = UPRIGHT.get(image.getexif().get(ORIENTATION))
+    except Exception:  # a damaged EXIF block, with its picture intact: read the picture as it is stored
+        turn = None
+    image = eight_bit(image)  # here, where the format is known, and before turning: fewer bytes to turn
+    return image.transpose(turn) if turn is not None else image  # turning copies: only a turned image pays for it
+
+
+def eight_bit(image: Image.Image) -> Image.Image:
+    """A greyscale image of a wide mode as mode L: 16-bit (I;16, as scanners write PNG and TIFF) divided by 257, so
+    that it reads exactly as its 8-bit version; 32-bit integers (I) and floats (F) scaled by their own range. PIL's
+    convert("L") would clip every value to 255. Other modes are returned as they are."""
+    if image.mode.startswith("I;16") or (image.mode == "I" and image.format == "PNG"):  # Pillow 10.1 opens a
+        # 16-bit greyscale PNG as I (10.4 as I;16): a PNG holds no wider integers
+        low, high = 0, 65535
+    elif image.mode in ("I", "F"):
+        low, high = image.getextrema()
+        if not (math.isfinite(low) and math.isfinite(high)):
+            raise ValueError("its pixels include infinite values; save it as 8- or 16-bit")
+    else:
+        return image
+    scale = 255 / (high - low) if high > low else 0
+    out = np.empty((image.height, image.width), dtype=np.uint8)
+    rows = max(1, 2**20 // image.width)  # a band of rows at a time: a few MB of floats, whatever the image's size
+    for top in range(0, image.height, rows):
+        band = np.asarray(image.crop((0, top, image.width, min(top + rows, image.height))), dtype=np.float64)
+        out[top : top + rows] = np.nan_to_num(np.round((band - low) * scale))  # a float image's NaN: 0
+    return Image.fromarray(out)
+
+
+def small_image(source) -> Image.Image:
+    """The image decoded (a JPEG in draft mode, at no less than twice the working size: the LANCZOS resize below
+    still does the smoothing), wide greyscale made 8-bit (a caller's own PIL image too), and shrunk to WORK_SIZE at
+    most. This is the step of prepare_digit that holds the full-size image, once: shrinking makes a new image
+    rather than copying it to shrink in place, so a caller's own PIL image is never changed."""
+    image = eight_bit(load_image(source, draft=2 * WORK_SIZE))
+    if max(image.size) > WORK_SIZE:
+        scale = WORK_SIZE / max(image.size)
+        image = shrunk(image, (max(1, round(image.width * scale)), max(1, round(image.height * scale))))
+    return image
+
+
+def shrunk(image: Image.Image, size: tuple[int, int], gap: float = 2.0) -> Image.Image:
+    """image.resize(size, LANCZOS, reducing_gap=gap), as thumbnail() makes it, step for step and pixel for pixel
+    (with alpha, as Pillow 13 does: up to 11 it skips the reducing step there), but without a second full-size
+    image: Pillow first converts the whole of an image with alpha to premultiplied alpha (RGBA to RGBa: 256 MB
+    more for 64 megapixels). Here the first step, an average over blocks of factor x factor pixels, runs on bands
+    of whole blocks; the LANCZOS resize then works on the image that much smaller."""
+    factor = (int(image.width / size[0] / gap) or 1, int(image.height / size[1] / gap) or 1)
+    if image.mode in ("1", "P") or factor == (1, 1):  # 1 and P: nearest neighbour, which makes no copy anyway
+        return image.resize(size, Image.Resampling.LANCZOS, reducing_gap=gap)
+    mode = {"LA": "La", "RGBA": "RGBa"}.get(image.mode, image.mode)
+    fx, fy = factor
+    reduced = Image.new(mode, (-(-image.width // fx), -(-image.height // fy)))
+    rows = fy * max(1, 2**20 // (image.width * fy))  # a band of whole blocks, about a megapixel
+    for top in range(0, image.height, rows):
+        band = image.crop((0, top, image.width, min(top + rows, image.height)))
+        reduced.paste(band.convert(mode).reduce(factor), (0, top // fy))
+    box = (0, 0, image.width / fx, image.height / fy)  # where the image lies in the reduced one, as Pillow computes it
+    return reduced.resize(size, Image.Resampling.LANCZOS, box=box).convert(image.mode)
 
 
 def grey(image: Image.Image) -> np.ndarray:
@@ -138,12 +218,7 @@ def prepare_digit(source) -> np.ndarray:
     colour, dark ink on light paper or light on dark. Raises ValueError with a short reason (NoDigit
     when no ink stands out), for one line per file in predict.py.
     """
-    # a JPEG decoded at no less than twice the working size: the LANCZOS resize below still does the smoothing
-    image = load_image(source, draft=2 * WORK_SIZE)
-    if max(image.size) > WORK_SIZE:
-        image = image.copy()
-        image.thumbnail((WORK_SIZE, WORK_SIZE), Image.Resampling.LANCZOS)
-    x = grey(image)
+    x = grey(small_image(source))
     low, middle, high = np.percentile(x, [1, 50, 99])
     if middle - low > high - middle:  # the background (the majority) is the light side: dark ink on paper
         x = 1 - x

@@ -11,6 +11,7 @@ the exit code is 0 when every file was classified and 1 when any failed.
 
 import json
 import sys
+import warnings
 from pathlib import Path
 
 from config import Config, Parser, UserError, exit_script
@@ -56,6 +57,8 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(describe_checkpoint(checkpoint, ckpt), file=sys.stderr, flush=True)  # stderr: --json keeps stdout JSON
+    # Pillow warns about what it skips in a damaged file (a tag, a short read): the file's one line says enough
+    warnings.filterwarnings("ignore", module="PIL")
     results, failed = [], 0
     for path in args.images:
         try:

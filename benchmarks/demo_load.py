@@ -1,9 +1,10 @@
-"""Time per POST /predict of the demo server, one request at a time and 40 at once; its memory under 100 large
-uploads at once. Run by hand:
+"""Time per POST /predict of the demo server, one request at a time and 40 at once; its memory under large uploads
+at once. Run by hand:
 
     python benchmarks/demo_load.py                          # the latest run's best.pt
     python benchmarks/demo_load.py --checkpoint runs/cnn/best.pt --rounds 5
-    python benchmarks/demo_load.py --checkpoint runs/cnn/best.pt --memory
+    python benchmarks/demo_load.py --checkpoint runs/cnn/best.pt --memory          # 100 phone photos
+    python benchmarks/demo_load.py --checkpoint runs/cnn/best.pt --memory png      # 4 of the largest PNGs
 
 It starts `python demo.py` on a free port, as a user would, and posts what the page's pad sends:
 a 280x280 PNG of dark strokes on a transparent canvas. It prints the median time per request
@@ -14,7 +15,9 @@ than one), so it also prints the CPU time of demo.classify, the work behind one 
 
 With --memory it sends 100 phone photos of about 9 MB at once instead (a 12-megapixel JPEG of a digit, with
 sensor noise so that it stays large) and prints the server's peak resident memory (VmHWM, from /proc) before
-and after them, and how the 100 were answered.
+and after them, and how the 100 were answered. With --memory png it sends the worst case for memory: 4 PNGs
+at once of 8000x8000 RGBA pixels (64 megapixels, the most digits.MAX_PIXELS lets in) that compress to about
+265 kB, so that 4 fit in what the server holds at once; a PNG has no draft mode, so each decodes in full.
 """
 
 import argparse
@@ -43,6 +46,7 @@ from rundir import latest_checkpoint
 
 CONCURRENT = 40
 UPLOADS = 100  # phone photos sent at once by --memory
+LARGEST = 4  # 64-megapixel PNGs sent at once by --memory png
 
 
 def pad_png() -> bytes:
@@ -91,6 +95,15 @@ def phone_photo(megabytes: float = 9) -> bytes:
     raise AssertionError("no quality gives a small enough photo")
 
 
+def largest_png() -> bytes:
+    """An 8000x8000 RGBA PNG of a dark 7 on white: 64 megapixels (digits.MAX_PIXELS), 256 MB decoded, 293 kB."""
+    image = Image.new("RGBA", (8000, 8000), "white")
+    ImageDraw.Draw(image).line([(2000, 1500), (6000, 1500), (3500, 6500)], fill=(30, 30, 30, 255), width=600)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def server_pid() -> int:
     """The PID of the one child process this script runs: the demo server that serve() started."""
     pids = [int(pid) for task in Path("/proc/self/task").iterdir() for pid in (task / "children").read_text().split()]
@@ -105,30 +118,35 @@ def peak_rss_mb(pid: int) -> float:
     return int(line.split()[1]) / 1024
 
 
-def memory(checkpoint: Path) -> None:
-    """Peak RSS of the real server before and after UPLOADS phone photos sent at once, and the statuses."""
-    photo = phone_photo()
+def memory(checkpoint: Path, kind: str) -> None:
+    """Peak RSS of the real server before and after the uploads sent at once (UPLOADS phone photos, or LARGEST of
+    the largest PNGs), and the statuses."""
+    if kind == "png":
+        data, count, name, what = largest_png(), LARGEST, "large.png", "8000x8000 RGBA PNG"
+    else:
+        data, count, name, what = phone_photo(), UPLOADS, "photo.jpg", "4000x3000 JPEG"
     with (
         serve(checkpoint, timeout=300) as url,  # a start on a busy machine may take minutes
-        httpx.Client(base_url=url, timeout=600, limits=httpx.Limits(max_connections=UPLOADS)) as http,
-        ThreadPoolExecutor(UPLOADS) as pool,
+        httpx.Client(base_url=url, timeout=600, limits=httpx.Limits(max_connections=count)) as http,
+        ThreadPoolExecutor(count) as pool,
     ):
         timed_post(http, pad_png())  # warm-up: lazy imports, the model's first forward pass
         pid = server_pid()
         idle = peak_rss_mb(pid)
-        barrier = threading.Barrier(UPLOADS)
+        barrier = threading.Barrier(count)
 
         def one(_):
             barrier.wait()
-            return http.post("/predict", files={"image": ("photo.jpg", photo, "image/jpeg")}).status_code
+            return http.post("/predict", files={"image": (name, data)}).status_code
 
         start = time.perf_counter()
-        statuses = collections.Counter(pool.map(one, range(UPLOADS)))
+        statuses = collections.Counter(pool.map(one, range(count)))
         seconds = time.perf_counter() - start
         loaded = peak_rss_mb(pid)
     print(f"CPU: {cpu_name()}")
+    size = f"{len(data) / 2**20:.1f} MB" if len(data) > 2**20 else f"{len(data) / 1000:.0f} kB"
     print(
-        f"{UPLOADS} uploads of a {len(photo) / 2**20:.1f} MB 4000x3000 JPEG at once: answered "
+        f"{count} uploads of a {size} {what} at once: answered "
         f"{', '.join(f'{n} x {status}' for status, n in sorted(statuses.items()))} in {seconds:.0f} s"
     )
     print(f"server's peak RSS: {idle:.0f} MB after one small request, {loaded:.0f} MB after the uploads")
@@ -138,12 +156,18 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, help="a best.pt (default: the latest run's best.pt)")
     parser.add_argument("--rounds", type=int, default=5, help="rounds of 20 single and 40 concurrent requests")
-    parser.add_argument("--memory", action="store_true", help=f"the peak RSS under {UPLOADS} 9 MB uploads instead")
+    parser.add_argument(
+        "--memory",
+        nargs="?",
+        const="photos",
+        choices=["photos", "png"],
+        help=f"the peak RSS under {UPLOADS} 9 MB photos (or {LARGEST} 64-megapixel PNGs: png) sent at once instead",
+    )
     args = parser.parse_args()
     data = pad_png()
     checkpoint = args.checkpoint or latest_checkpoint(Config().out_dir)
     if args.memory:
-        return memory(checkpoint)
+        return memory(checkpoint, args.memory)
     import torch
 
     torch.set_num_threads(1)  # as demo.py serves

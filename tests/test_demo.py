@@ -233,7 +233,8 @@ def test_unexpected_failure_is_a_json_500_and_serving_goes_on(model, monkeypatch
 
 
 def test_at_most_workers_images_are_decoded_at_once(model, monkeypatch):
-    """With 6 requests waiting, only demo.WORKERS run classify at once (each decode may take 256 MB); all are answered."""
+    """With 6 requests waiting, only demo.WORKERS run classify at once (more would only share the cores); all are
+    answered."""
     monkeypatch.setattr(demo, "WORKERS", 2)
     lock, active, peak = threading.Lock(), [0], [0]
     two_in, too_many, release = threading.Event(), threading.Event(), threading.Event()
@@ -261,6 +262,40 @@ def test_at_most_workers_images_are_decoded_at_once(model, monkeypatch):
             release.set()
         assert [f.result(timeout=30).status_code for f in futures] == [200] * 6
     assert peak[0] == 2
+
+
+def test_at_most_decodes_images_are_held_at_full_size_at_once(model, monkeypatch):
+    """With 4 workers busy, only demo.DECODES of them decode an image at once (a full-size image may take 256 MB,
+    and the number of cores must not multiply that); the others wait their turn and all are answered."""
+    assert demo.DECODES < 4
+    monkeypatch.setattr(demo, "WORKERS", 4)
+    lock, active, peak = threading.Lock(), [0], [0]
+    full, too_many, release = threading.Event(), threading.Event(), threading.Event()
+
+    def decode(image):
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+            if active[0] == demo.DECODES:
+                full.set()
+            if active[0] > demo.DECODES:
+                too_many.set()
+        release.wait(timeout=30)
+        with lock:
+            active[0] -= 1
+        return real(image)
+
+    real = demo.small_image
+    monkeypatch.setattr(demo, "small_image", decode)
+    with TestClient(demo.create_app(model)) as fresh, ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(post, fresh, pad_png()) for _ in range(6)]
+        try:
+            assert full.wait(timeout=30)
+            assert not too_many.wait(timeout=1)  # two more workers are in classify, waiting to decode
+        finally:
+            release.set()
+        assert [f.result(timeout=30).status_code for f in futures] == [200] * 6
+    assert peak[0] == demo.DECODES
 
 
 def test_body_over_the_size_limit(model):

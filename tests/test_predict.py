@@ -2,16 +2,19 @@
 
 import io
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 
 import predict as predict_cli
-from conftest import call_main
+from conftest import ROOT, call_main
 from data import load_split
-from digits import NoDigit, prepare_digit
+from digits import NoDigit, load_image, prepare_digit, shrunk
 from fake_photos import photo_set, photograph
 from model import load_checkpoint, model_logits, predict
 
@@ -86,6 +89,120 @@ def test_an_image_without_ink_is_no_digit(picture):
         pixels *= np.linspace(0.6, 1.0, 200)[:, None]
     with pytest.raises(NoDigit, match="no digit found"):
         prepare_digit(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def encoded(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def wide(pixels: np.ndarray, mode: str) -> Image.Image:
+    """An image of a wide greyscale mode (I;16, I or F) holding `pixels`, as a scanner's file would decode."""
+    dtype = {"I;16": "<u2", "I": np.int32, "F": np.float32}[mode]
+    return Image.frombytes(mode, pixels.shape[::-1], pixels.astype(dtype).tobytes())
+
+
+@pytest.mark.parametrize("size", [(300, 220), (3000, 2200)])
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF"])
+def test_a_16_bit_scan_reads_exactly_as_its_8_bit_version(size, fmt):
+    """A 16-bit greyscale scan (PNG or TIFF, mode I;16) holding 257 times an 8-bit drawing gives exactly the digit
+    of the 8-bit file, small or larger than the working size (PIL would clip it to white, or fail to shrink it)."""
+    scale = size[0] / 300
+    box = tuple(round(v * scale) for v in (150, 40, 230, 180))
+    eight = np.asarray(drawn_seven(size=size, box=box, width=round(12 * scale)))
+    scan = wide(eight.astype(np.uint32) * 257, "I;16")
+    assert Image.open(io.BytesIO(encoded(scan, fmt))).mode in ("I;16", "I")  # I: a PNG in Pillow 10.1
+    assert np.array_equal(prepare_digit(encoded(scan, fmt)), prepare_digit(encoded(Image.fromarray(eight), fmt)))
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_each_exif_orientation_turns_the_photo_as_pillow_does(orientation):
+    """A phone's JPEG with each of the 8 EXIF orientations is turned by load_image as ImageOps.exif_transpose turns it."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    drawn_seven().convert("RGB").save(buffer, format="JPEG", exif=exif)
+    expected = ImageOps.exif_transpose(Image.open(io.BytesIO(buffer.getvalue())))
+    got = load_image(buffer.getvalue())
+    assert got.size == expected.size and np.array_equal(np.asarray(got), np.asarray(expected))
+
+
+def test_a_16_bit_scan_is_turned_upright_as_its_exif_says():
+    """A 16-bit scan whose EXIF says to turn it a quarter gives the digit of the 8-bit drawing turned so."""
+    eight = drawn_seven(size=(300, 220))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to show it
+    buffer = io.BytesIO()
+    wide(np.asarray(eight).astype(np.uint32) * 257, "I;16").save(buffer, format="PNG", exif=exif)
+    upright = eight.transpose(Image.Transpose.ROTATE_270)
+    assert np.array_equal(prepare_digit(buffer.getvalue()), prepare_digit(upright))
+
+
+@pytest.mark.parametrize("mode, scale, offset", [("I", 1000, -40_000), ("F", 1 / 255, 0.25)])
+def test_32_bit_and_float_scans_are_scaled_by_their_own_range(mode, scale, offset):
+    """A TIFF of 32-bit integers (I) or floats (F), whatever their range, reads as the 8-bit drawing stretched from
+    its darkest to its lightest pixel: exactly its digit."""
+    eight = np.asarray(drawn_seven(ink=30, paper=225), dtype=np.float64)
+    scan = encoded(wide(eight * scale + offset, mode), "TIFF")
+    assert Image.open(io.BytesIO(scan)).mode == mode
+    stretched = np.round((eight - 30) * (255 / (225 - 30))).astype(np.uint8)
+    assert np.array_equal(prepare_digit(scan), prepare_digit(encoded(Image.fromarray(stretched), "PNG")))
+
+
+def test_a_callers_own_image_is_never_changed():
+    """prepare_digit shrinks, turns and converts new images: the PIL image a caller passes keeps its size and pixels."""
+    image = drawn_seven(size=(1200, 880), box=(600, 160, 920, 720), width=48).convert("RGBA")
+    before = np.asarray(image).copy()
+    prepare_digit(image)
+    assert image.size == (1200, 880) and np.array_equal(np.asarray(image), before)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "RGB", "L", "P"])
+def test_shrinking_in_bands_is_pillows_resize_pixel_for_pixel(mode):
+    """digits.shrunk, which averages blocks of pixels a band at a time, gives exactly Pillow's resize with the same
+    reducing gap (what thumbnail() does; with alpha, on premultiplied pixels), for every mode and sizes that leave
+    part blocks at the edges."""
+    rng = np.random.default_rng(4)
+    premultiplied = {"LA": "La", "RGBA": "RGBa"}.get(mode, mode)  # written out: Pillow 11 skips the gap with alpha
+    for width, height in ((1283, 961), (4000, 37), (700, 3001)):
+        image = Image.fromarray(rng.integers(0, 256, (height, width, 4), dtype=np.uint8)).convert(mode)
+        size = (97, max(1, round(height * 97 / width)))
+        resized = image.convert(premultiplied).resize(size, Image.Resampling.LANCZOS, reducing_gap=2.0)
+        expected = resized.convert(mode)
+        got = shrunk(image, size)
+        assert got.mode == expected.mode and np.array_equal(np.asarray(got), np.asarray(expected)), (width, height)
+
+
+MEASURE = """
+import sys
+from pathlib import Path
+from digits import prepare_digit
+
+def peak():
+    return int(next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM")).split()[1])
+
+data = Path(sys.argv[1]).read_bytes()
+before = peak()
+prepare_digit(data)
+print((peak() - before) * 1024)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the peak memory from /proc")
+@pytest.mark.parametrize("mode", ["RGBA", "RGB"])
+def test_a_large_image_is_held_once_while_it_is_prepared(tmp_path, mode):
+    """A 4000x4000 PNG (64 MB decoded: Pillow keeps 4 bytes a pixel) raises a fresh process's peak memory by about
+    the decoded image, not twice that: no copy of it is made to turn it, shrink it or premultiply its alpha."""
+    image = Image.new(mode, (4000, 4000), "white")
+    ImageDraw.Draw(image).line([(1000, 800), (3000, 800), (1700, 3200)], fill="black", width=300)
+    image.save(tmp_path / "large.png")
+    result = subprocess.run(
+        [sys.executable, "-c", MEASURE, tmp_path / "large.png"], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stderr
+    decoded = 4000 * 4000 * 4
+    assert int(result.stdout) < 1.4 * decoded, f"{int(result.stdout) / 2**20:.0f} MB"
 
 
 def test_predict_prepares_every_form_of_image(tmp_path, trained_run):
