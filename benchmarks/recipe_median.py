@@ -124,8 +124,8 @@ def table(results: Path) -> str:
     """The markdown table of docs/results.md: per candidate and thread count, each seed's val/test and the medians."""
     lines = [json.loads(line) for line in results.read_text().splitlines()]
     out = [
-        "| recipe | threads | best val, seeds 0-2 | median val | test, seeds 0-2 | median test |",
-        "| --- | ---: | --- | ---: | --- | ---: |",
+        "| recipe | threads | seeds | best val, seed by seed | median val | test, seed by seed | median test |",
+        "| --- | ---: | ---: | --- | ---: | --- | ---: |",
     ]
 
     def pct(runs, field):
@@ -137,11 +137,13 @@ def table(results: Path) -> str:
             runs = [line for line in lines if line["name"] == name and line["threads"] == threads]
             if runs:
                 (val, val_median), (test, test_median) = pct(runs, "best_val_acc"), pct(runs, "test_acc")
-                out.append(f"| {name} | {threads} | {val} | {val_median} | {test} | {test_median} |")
+                first, last = min(r["seed"] for r in runs), max(r["seed"] for r in runs)
+                seeds = f"{first}-{last}" if last > first else str(first)
+                out.append(f"| {name} | {threads} | {seeds} | {val} | {val_median} | {test} | {test_median} |")
         both = [line for line in lines if line["name"] == name]
         if len({line["threads"] for line in both}) > 1:
             (_, val_median), (_, test_median) = pct(both, "best_val_acc"), pct(both, "test_acc")
-            out.append(f"| {name} | both | | **{val_median}** | | {test_median} |")
+            out.append(f"| {name} | both | {len(both)} runs | | **{val_median}** | | {test_median} |")
     return "\n".join(out)
 
 

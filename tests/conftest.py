@@ -44,6 +44,7 @@ def needs_real_data(test):
     skip = pytest.mark.skipif(REAL_DATA_MISSING, reason=f"real MNIST not found in {REAL_DATA} (set MNIST_DATA_DIR)")
     return pytest.mark.slow(skip(test))
 
+
 N_TRAIN, N_TEST = 600, 200
 
 # The inner loop, `python -m pytest -q -m "not slow"`, runs every module's own tests in about a minute and leaves out

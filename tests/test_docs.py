@@ -174,3 +174,39 @@ def test_the_readme_and_docs_give_results_mds_accuracy_for_the_default_run():
     assert headline and headline[1] == accuracy
     stated = {page.name: DEFAULT_ACCURACY.findall(flowing(page)) for page in PAGES}
     assert {name: figures for name, figures in stated.items() if set(figures) - {accuracy}} == {}
+
+
+def results_config() -> dict[str, str]:
+    """The `config:` line that train.py printed for results.md's CNN row, as {field: value}."""
+    line = re.search(r"^config: (.+)$", (ROOT / "docs" / "results.md").read_text(), re.MULTILINE)
+    assert line, "docs/results.md shows no `config:` line of the run behind its figures"
+    return dict(pair.split("=", 1) for pair in line[1].split())
+
+
+# Fields that say where a run reads and writes, set by results.md's own command: not part of the recipe.
+WHERE = {"data_dir", "download", "out_dir", "run_name", "tensorboard"}
+
+
+def test_results_md_was_measured_with_todays_defaults():
+    """docs/results.md's figures were measured with config.py's defaults: change a default, and this fails until
+    the figures are measured again (benchmarks and commands in results.md) and its `config:` line replaced."""
+    from dataclasses import asdict
+
+    from config import Config
+
+    recorded, today = results_config(), {k: str(v) for k, v in asdict(Config()).items()}
+    assert recorded.keys() == today.keys(), "results.md's config line names other fields than config.py"
+    differ = {k: (recorded[k], today[k]) for k in today if k not in WHERE and recorded[k] != today[k]}
+    assert differ == {}, f"config.py's defaults differ from those results.md was measured with: {differ}"
+
+
+def test_training_mds_sample_output_is_results_mds_run():
+    """training.md's sample output is the run of results.md's CNN row: the same epochs, best val and test accuracy."""
+    results = {row["run"].split()[0]: row for row in table(ROOT / "docs" / "results.md", "run")}["CNN"]
+    sample = (ROOT / "docs" / "training.md").read_text()
+    test = re.search(r"^test: loss [\d.]+, accuracy ([\d.]+%) \(best\.pt, epoch (\d+), val ([\d.]+%)\)", sample, re.M)
+    assert test, "training.md shows no `test:` line"
+    assert (test[1], test[3]) == (results["test"], results["best val"])
+    rows = re.findall(r"^ +(\d+) +[\d.]+ +[\d.]+% +[\d.]+ +([\d.]+)% ", sample, re.MULTILINE)
+    assert [int(epoch) for epoch, _ in rows] == list(range(1, int(results_config()["epochs"]) + 1))
+    assert f"{max(float(val) for _, val in rows):.2f}%" == results["best val"]
