@@ -11,7 +11,7 @@ const classifier = {
   where: "The network runs on the server that serves this page (python demo.py).",
   photos: true, // the server reads photos: prepare_digit's background removal and threshold are in Python
 
-  // The answer ({digit, confidence, probabilities, prepared}) for the pad's drawing, or for `photo` when it is
+  // The answer ({digit, confidence, probabilities, prepared, inside}) for the pad's drawing, or for `photo` when it is
   // given; throws an Error whose message is the line to show.
   async classify(pad, photo) {
     const image = photo ? await shrink(photo) : await new Promise((resolve) => pad.toBlob(resolve, "image/png"));
@@ -19,7 +19,7 @@ const classifier = {
     form.append("image", image, photo ? photo.name : "pad.png");
     let response;
     try {
-      response = await fetch("predict", { method: "POST", body: form });
+      response = await fetch("predict?inside=1", { method: "POST", body: form }); // with every layer, for the views
     } catch (err) {
       throw new Error("the demo server cannot be reached: is `python demo.py` still running?");
     }
