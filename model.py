@@ -177,15 +177,18 @@ def model_logits(model: nn.Module, pixels: torch.Tensor, batch_size: int = 500) 
 
 
 @torch.inference_mode()
-def layer_outputs(model: nn.Module, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+def layer_outputs(model: nn.Module, pixels: torch.Tensor, batch_size: int = 500) -> dict[str, torch.Tensor]:
     """Every layer's output for uint8 digits (N, 28, 28), normalised as in training, float32 on the CPU.
 
     CNN: conv1 (N, 10, 12, 12) and conv2 (N, 20, 4, 4), each after pooling and ReLU, and logits (N, 10);
     FCNN: hidden (N, hidden) after ReLU, and logits. The same forward pass that predict() runs."""
     model.eval()
     device = next(model.parameters()).device
-    layers = model.layers(normalize(pixels.to(device)).contiguous(memory_format=MEMORY_FORMAT))
-    return {name: output.float().cpu().contiguous() for name, output in layers.items()}
+    batches = [
+        model.layers(normalize(pixels[i : i + batch_size].to(device)).contiguous(memory_format=MEMORY_FORMAT))
+        for i in range(0, max(len(pixels), 1), batch_size)
+    ]
+    return {name: torch.cat([b[name].float().cpu() for b in batches]).contiguous() for name in batches[0]}
 
 
 # What the answer rests on, by occlusion: a WINDOW x WINDOW patch of the digit is set to paper (0) at every

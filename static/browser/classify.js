@@ -11,7 +11,7 @@ const classifier = {
   waiting: new Map(), // request id -> the promise's resolve and reject
   asked: 0,
 
-  // The answer ({digit, confidence, probabilities, prepared, ms}) for the pad's drawing; throws an Error whose
+  // The answer ({digit, confidence, probabilities, prepared, inside, ms}) for the pad's drawing; throws an Error whose
   // message is the line to show.
   classify(pad) {
     const image = pad.getContext("2d").getImageData(0, 0, pad.width, pad.height);
@@ -23,13 +23,13 @@ const classifier = {
   },
 };
 
-function answer({ digit, logits, ms }) {
+function answer({ digit, logits, inside, ms }) {
   const most = Math.max(...logits);
   const exp = logits.map((z) => Math.exp(z - most));
   const sum = exp.reduce((a, b) => a + b);
   const probabilities = exp.map((e) => e / sum);
   const best = logits.indexOf(most);
-  return { digit: best, confidence: probabilities[best], probabilities, prepared: pngOf(digit), ms };
+  return { digit: best, confidence: probabilities[best], probabilities, prepared: pngOf(digit), inside, ms };
 }
 
 // 784 uint8 values -> a PNG data URL of the 28x28 digit, for #prepared
