@@ -193,9 +193,11 @@ def test_the_fcnn_shows_its_hidden_layer_and_says_it_has_no_maps(browser, fcnn_c
 
 
 def test_on_a_phone_the_views_open_by_keyboard_and_fit_the_width(browser, trained_run):
-    """At 390 px the views start folded under the answer; Tab reaches their summary, Enter opens them, and no
-    view is wider than the screen."""
+    """At 390 px the views start folded under the answer; Tab reaches their summary, Enter opens them, no view is
+    wider than the screen, and nothing is asked of another origin."""
+    asked = []
     for page in served_page(browser, trained_run / "best.pt"):
+        page.on("request", lambda request: asked.append(request.url))
         page.set_viewport_size({"width": 390, "height": 844})
         page.reload()
         draw_seven(page)
@@ -208,3 +210,5 @@ def test_on_a_phone_the_views_open_by_keyboard_and_fit_the_width(browser, traine
         assert page.evaluate("document.getElementById('inside').open") is True
         assert page.is_visible('#views canvas[data-layer="conv1"][data-channel="9"]')
         assert page.evaluate("document.documentElement.scrollWidth") <= 390
+        origin = page.url.rstrip("/")
+        assert asked and all(url.startswith(origin + "/") or url.startswith("data:") for url in asked), asked
