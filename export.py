@@ -14,8 +14,11 @@ checkpoint's; a file that disagrees is not written.
 --format web writes a folder that any static server can serve: the demo's page (static/), with
 static/browser/'s classify.js in place of the server's, the verified ONNX file as model.onnx, and
 onnxruntime-web's WebAssembly backend from node_modules/ (`npm ci` installs it, pinned by package-lock.json).
-It writes into the folder and records its files in a manifest there (.web-export.json, as pip's RECORD does):
-a later export replaces those files and no others, so a .git, a CNAME or a README beside them stays.
+Its model.onnx also outputs every layer beside logits (conv1 and conv2, or the FCNN's hidden layer; LAYERS below),
+checked like the logits, and inside.json holds what the page's views of the network need beside them: conv1's
+filters and the occlusion's patch. It writes into the folder and records its files in a manifest there
+(.web-export.json, as pip's RECORD does): a later export replaces those files and no others, so a .git, a CNAME
+or a README beside them stays.
 """
 
 import hashlib

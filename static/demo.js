@@ -170,10 +170,15 @@ document.getElementById("clear").addEventListener("click", clearPad);
 // exported model: {model, logits, input_map, window, stride} and conv1, conv2, filters (CNN) or hidden (FCNN).
 
 const views = document.getElementById("views");
+const insideBox = document.getElementById("inside");
 const EMPTY = views.innerHTML;
 // On a phone the views start folded, so that the pad stays on the screen under the answer.
-if (window.matchMedia("(max-width: 640px)").matches) document.getElementById("inside").open = false;
+if (window.matchMedia("(max-width: 640px)").matches) insideBox.open = false;
 let builtFor = null; // the model kind whose views are in the page, so they are built once, then only repainted
+let unseen = null;   // the latest answer's inside and probabilities while the views are folded: drawn when opened
+insideBox.addEventListener("toggle", () => {
+  if (insideBox.open && unseen) showInside(...unseen);
+});
 
 // One view: a title and a sentence saying what it shows, then `count` canvases of w x h pixels, each with
 // data-layer and data-channel, which tests and people use to find a map.
@@ -268,9 +273,14 @@ function paintLayer(layer, maps, signed) {
 }
 
 function showInside(inside, probabilities) {
+  unseen = null;
   if (!inside) {
     views.innerHTML = EMPTY;
     builtFor = null;
+    return;
+  }
+  if (!insideBox.open) {  // folded views cost nothing while drawing
+    unseen = [inside, probabilities];
     return;
   }
   if (builtFor !== inside.model) buildViews(inside);

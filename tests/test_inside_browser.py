@@ -192,9 +192,9 @@ def test_the_fcnn_shows_its_hidden_layer_and_says_it_has_no_maps(browser, fcnn_c
         assert "conv1" not in views and views["hidden"][0].size >= 32
 
 
-def test_on_a_phone_the_views_open_by_keyboard_and_fit_the_width(browser, trained_run):
-    """At 390 px the views start folded under the answer; Tab reaches their summary, Enter opens them, no view is
-    wider than the screen, and nothing is asked of another origin."""
+def test_on_a_phone_the_views_open_by_keyboard_and_fit_the_width(browser, trained_run, model):
+    """At 390 px the views start folded under the answer; Tab reaches their summary, Enter opens them on the latest
+    answer's maps, no view is wider than the screen, and nothing is asked of another origin."""
     asked = []
     for page in served_page(browser, trained_run / "best.pt"):
         page.on("request", lambda request: asked.append(request.url))
@@ -208,7 +208,8 @@ def test_on_a_phone_the_views_open_by_keyboard_and_fit_the_width(browser, traine
                 break
         page.keyboard.press("Enter")
         assert page.evaluate("document.getElementById('inside').open") is True
-        assert page.is_visible('#views canvas[data-layer="conv1"][data-channel="9"]')
+        page.wait_for_selector('#views canvas[data-layer="conv1"][data-channel="9"]', state="visible")
+        assert_views_are_pytorchs(page, model)  # drawn when opened, from the answer that came while folded
         assert page.evaluate("document.documentElement.scrollWidth") <= 390
         origin = page.url.rstrip("/")
         assert asked and all(url.startswith(origin + "/") or url.startswith("data:") for url in asked), asked
