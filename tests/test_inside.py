@@ -5,13 +5,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from fastapi.testclient import TestClient
 
 import demo
 from data import normalize
 from digits import prepare_digit
 from model import OCCLUSION_STRIDE, OCCLUSION_WINDOW, build_model, load_checkpoint
-from test_demo import pad_png
+from test_demo import TestClient, pad_png  # imported there without starlette's httpx warning
 
 TOLERANCE = 1e-5  # float32 in another order, and the answer's rounding to 1e-6
 
