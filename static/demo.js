@@ -98,7 +98,8 @@ async function send() {
   const asked = generation;
   const started = performance.now();
   try {
-    const answer = await classifier.classify(pad, photo);  // classify.js: the server's, or the browser's
+    // classify.js: the server's, or the browser's; every layer only while the views are open
+    const answer = await classifier.classify(pad, photo, insideBox.open);
     if (asked === generation) {
       show(answer);
       // the time of this update, from the pad's pixels to every view drawn: for people and for the benchmark
@@ -175,9 +176,10 @@ const EMPTY = views.innerHTML;
 // On a phone the views start folded, so that the pad stays on the screen under the answer.
 if (window.matchMedia("(max-width: 640px)").matches) insideBox.open = false;
 let builtFor = null; // the model kind whose views are in the page, so they are built once, then only repainted
-let unseen = null;   // the latest answer's inside and probabilities while the views are folded: drawn when opened
+// Folded views are neither asked for nor drawn (a phone pays nothing for them while drawing); opened, they ask
+// for the digit on the pad again.
 insideBox.addEventListener("toggle", () => {
-  if (insideBox.open && unseen) showInside(...unseen);
+  if (insideBox.open && !empty) changed();
 });
 
 // One view: a title and a sentence saying what it shows, then `count` canvases of w x h pixels, each with
@@ -273,14 +275,9 @@ function paintLayer(layer, maps, signed) {
 }
 
 function showInside(inside, probabilities) {
-  unseen = null;
   if (!inside) {
     views.innerHTML = EMPTY;
     builtFor = null;
-    return;
-  }
-  if (!insideBox.open) {  // folded views cost nothing while drawing
-    unseen = [inside, probabilities];
     return;
   }
   if (builtFor !== inside.model) buildViews(inside);

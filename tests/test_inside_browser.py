@@ -193,8 +193,9 @@ def test_the_fcnn_shows_its_hidden_layer_and_says_it_has_no_maps(browser, fcnn_c
 
 
 def test_on_a_phone_the_views_open_by_keyboard_and_fit_the_width(browser, trained_run, model):
-    """At 390 px the views start folded under the answer; Tab reaches their summary, Enter opens them on the latest
-    answer's maps, no view is wider than the screen, and nothing is asked of another origin."""
+    """At 390 px the views start folded under the answer, neither asked for nor drawn; Tab reaches their summary,
+    Enter opens them and they show the digit's maps; no view is wider than the screen; nothing is asked of another
+    origin."""
     asked = []
     for page in served_page(browser, trained_run / "best.pt"):
         page.on("request", lambda request: asked.append(request.url))
@@ -202,6 +203,9 @@ def test_on_a_phone_the_views_open_by_keyboard_and_fit_the_width(browser, traine
         page.reload()
         draw_seven(page)
         assert page.evaluate("document.getElementById('inside').open") is False
+        folded = [url for url in asked if "/predict" in url]
+        assert folded and not any("inside=1" in url for url in folded), "folded views were asked for"
+        assert page.eval_on_selector_all("#views canvas", "maps => maps.length") == 0
         for _ in range(10):
             page.keyboard.press("Tab")
             if page.evaluate("document.activeElement.tagName") == "SUMMARY":
@@ -209,7 +213,8 @@ def test_on_a_phone_the_views_open_by_keyboard_and_fit_the_width(browser, traine
         page.keyboard.press("Enter")
         assert page.evaluate("document.getElementById('inside').open") is True
         page.wait_for_selector('#views canvas[data-layer="conv1"][data-channel="9"]', state="visible")
-        assert_views_are_pytorchs(page, model)  # drawn when opened, from the answer that came while folded
+        assert answer(page) != ""
+        assert_views_are_pytorchs(page, model)  # asked for and drawn when opened
         assert page.evaluate("document.documentElement.scrollWidth") <= 390
         origin = page.url.rstrip("/")
         assert asked and all(url.startswith(origin + "/") or url.startswith("data:") for url in asked), asked

@@ -1,6 +1,6 @@
 // The static site's classifier, off the page's thread: prepare.js on the pad's pixels, then the model in
-// onnxruntime-web's WebAssembly backend. classify.js sends {id, image}; the answer is {id, digit, logits, inside, ms}
-// or {id, error}, where inside is every layer's output as demo.py's inside() gives it. It starts loading the model
+// onnxruntime-web's WebAssembly backend. classify.js sends {id, image, inside}; the answer is {id, digit, logits, ms},
+// with inside when asked, every layer's output as demo.py's inside() gives it, or {id, error}. It starts loading the model
 // as soon as the page starts it.
 "use strict";
 
@@ -55,7 +55,7 @@ async function diagnose(err) {
   return err.message || String(err);
 }
 
-onmessage = async ({ data: { id, image } }) => {
+onmessage = async ({ data: { id, image, inside: wanted } }) => {
   try {
     const model = await session.catch((err) => {
       session = open(); // this drawing says why; the next one tries again
@@ -69,14 +69,15 @@ onmessage = async ({ data: { id, image } }) => {
     start = performance.now();
     // One run for the digit and, for the occlusion map, the digit with each patch covered (model.occlusion's way)
     const { window, stride } = model.inside;
-    const masks = patches(window, stride);
+    const masks = wanted ? patches(window, stride) : []; // the digit alone when the views are folded
     const batch = new Float32Array((1 + masks.length) * 784);
     batch.set(pixels);
     masks.forEach((mask, k) => mask.forEach((covered, i) => { batch[(k + 1) * 784 + i] = covered ? 0 : pixels[i]; }));
     const output = await model.run({ pixels: new ort.Tensor("float32", batch, [1 + masks.length, 1, 28, 28]) });
     const logits = Array.from(output.logits.data.subarray(0, 10));
     const ms = { prepare, run: performance.now() - start };
-    postMessage({ id, digit: Array.from(digit), logits, inside: inside(model, output, logits, masks), ms });
+    const answer = { id, digit: Array.from(digit), logits, ms };
+    postMessage(wanted ? { ...answer, inside: inside(model, output, logits, masks) } : answer);
   } catch (err) {
     postMessage({ id, error: err.message || String(err) });
   }
