@@ -7,7 +7,8 @@
 The page (static/) sends the drawing pad, an uploaded or a dropped photo to POST /predict as the
 multipart field `image`. Every image goes through the one path predict.py uses: digits.prepare_digit,
 then model.predict. The answer is {"digit", "confidence", "probabilities", "prepared"}, where
-`prepared` is the 28x28 digit the network saw, as a PNG data URL. Bad input gets a 4xx with
+`prepared` is the 28x28 digit the network saw, as a PNG data URL; POST /predict?inside=1 adds "inside",
+every layer's output for the page's views of the network (see inside()). Bad input gets a 4xx with
 {"error": "<one line>"}, a failure of the server's own gets a 500 of the same shape (its traceback goes
 to stderr), and the server goes on serving. The limits (body size, time to send the headers and the body, bodies
 held at once, requests waiting, images decoded at once) are the constants below; docs/demo.md says why each is
@@ -42,7 +43,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from config import Config, Parser, UserError, exit_script
 from digits import NoDigit, prepare_digit, small_image
-from model import load_checkpoint, predict
+from model import OCCLUSION_STRIDE, OCCLUSION_WINDOW, layer_outputs, load_checkpoint, occlusion, predict
 from rundir import describe_checkpoint, find_checkpoint
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -112,15 +113,50 @@ def data_url(digit) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def classify(model, image) -> dict:
-    """The answer for one encoded image (bytes or a file object). Raises ValueError (NoDigit when no ink stands out)."""
+def flat(t: torch.Tensor, channels: int) -> list:
+    """A tensor as one flat list per channel, rounded to 1e-6: JSON a third as long, far below what a view shows."""
+    return t.reshape(channels, -1).numpy().round(6).tolist()
+
+
+def inside(model, digit, best: int) -> dict:
+    """Every layer's output on a uint8 digit (28, 28), for the page's views, by model.layer_outputs and
+    model.occlusion: {model, logits, input_map, window, stride} and, for the CNN, conv1 (10 maps of 12x12),
+    conv2 (20 of 4x4) and filters (conv1's 10 weights of 5x5); for the FCNN, hidden. Maps are flat, row by row."""
+    pixels = torch.from_numpy(digit)
+    layers = layer_outputs(model, pixels[None])
+    view = {
+        "model": "cnn" if "conv1" in layers else "fcnn",
+        "logits": flat(layers["logits"], 1)[0],
+        "input_map": flat(occlusion(model, pixels, best), 1)[0],
+        "window": OCCLUSION_WINDOW,
+        "stride": OCCLUSION_STRIDE,
+    }
+    if view["model"] == "cnn":
+        filters = model.conv1.weight.detach().float().cpu()
+        view |= {"conv1": flat(layers["conv1"], 10), "conv2": flat(layers["conv2"], 20), "filters": flat(filters, 10)}
+    else:
+        view["hidden"] = flat(layers["hidden"], 1)[0]
+    return view
+
+
+def classify(model, image, with_inside: bool = False) -> dict:
+    """The answer for one encoded image (bytes or a file object), with the network's inside if asked.
+    Raises ValueError (NoDigit when no ink stands out)."""
     with decoding:
         image = small_image(image)
     digit = prepare_digit(image)
     # Many threads may run this at once: an eval-mode forward under inference_mode only reads the weights.
     probs = predict(model, digit, prepare=False)[1][0].tolist()
     best = max(range(10), key=probs.__getitem__)
-    return {"digit": best, "confidence": probs[best], "probabilities": probs, "prepared": data_url(digit)}
+    answer = {"digit": best, "confidence": probs[best], "probabilities": probs, "prepared": data_url(digit)}
+    if with_inside:
+        answer["inside"] = inside(model, digit, best)
+    return answer
+
+
+def classify_inside(model, image) -> dict:
+    """classify()'s answer with "inside": what POST /predict?inside=1 answers, for the page's views."""
+    return classify(model, image, with_inside=True)
 
 
 def create_app(
@@ -169,7 +205,8 @@ def create_app(
                 if not isinstance(image, UploadFile):
                     return error(400, "no image: send the picture as the multipart form field named image")
                 # prepare_digit is CPU work: off the event loop, so other requests are served meanwhile
-                return await anyio.to_thread.run_sync(classify, model, image.file, limiter=workers)
+                answer = classify_inside if request.query_params.get("inside") == "1" else classify
+                return await anyio.to_thread.run_sync(answer, model, image.file, limiter=workers)
             except NoDigit as e:
                 return error(422, str(e))
             except ValueError as e:

@@ -14,8 +14,11 @@ checkpoint's; a file that disagrees is not written.
 --format web writes a folder that any static server can serve: the demo's page (static/), with
 static/browser/'s classify.js in place of the server's, the verified ONNX file as model.onnx, and
 onnxruntime-web's WebAssembly backend from node_modules/ (`npm ci` installs it, pinned by package-lock.json).
-It writes into the folder and records its files in a manifest there (.web-export.json, as pip's RECORD does):
-a later export replaces those files and no others, so a .git, a CNAME or a README beside them stays.
+Its model.onnx also outputs every layer beside logits (conv1 and conv2, or the FCNN's hidden layer; LAYERS below),
+checked like the logits, and inside.json holds what the page's views of the network need beside them: conv1's
+filters and the occlusion's patch. It writes into the folder and records its files in a manifest there
+(.web-export.json, as pip's RECORD does): a later export replaces those files and no others, so a .git, a CNAME
+or a README beside them stays.
 """
 
 import hashlib
@@ -36,7 +39,7 @@ from torch import nn
 
 from config import Config, Parser, UserError, exit_script
 from data import MNIST_MEAN, MNIST_STD, RAW_FILES, find_files, load_split
-from model import MEMORY_FORMAT, load_checkpoint, model_logits
+from model import MEMORY_FORMAT, OCCLUSION_STRIDE, OCCLUSION_WINDOW, layer_outputs, load_checkpoint, model_logits
 from rundir import RUN_FILES, atomic_write, describe_checkpoint, find_checkpoint
 
 FORMATS = {"onnx": ".onnx", "pt2": ".pt2"}
@@ -47,6 +50,13 @@ OPSET = 18  # what torch's dynamo exporter targets by default; every onnxruntime
 NEEDS = {"onnx": ("onnxscript", "onnx", "onnxruntime"), "pt2": ()}  # packages beyond torch, by format
 INPUT = "pixels: float32 (N, 1, 28, 28) in [0, 1], a white digit on black, as torchvision's ToTensor gives"
 OUTPUT = "logits: float32 (N, 10), one per digit 0-9; softmax gives the probabilities"
+# The web export's model.onnx gives every layer beside the logits, for the page's views of the network; the files
+# of --format onnx and pt2 keep the one output above. Each layer is taken after pooling and ReLU.
+LAYERS = {
+    "conv1": "conv1: float32 (N, 10, 12, 12), the first conv layer's maps after max-pooling and ReLU",
+    "conv2": "conv2: float32 (N, 20, 4, 4), the second conv layer's maps after max-pooling and ReLU",
+    "hidden": "hidden: float32 (N, hidden), the FCNN's hidden layer after ReLU",
+}
 
 ROOT = Path(__file__).resolve().parent
 STATIC = ROOT / "static"
@@ -68,7 +78,8 @@ SITE = {
     "ort-wasm-simd-threaded.js": ORT_WEB / "dist" / "ort-wasm-simd-threaded.mjs",
     "ort-wasm-simd-threaded.wasm": ORT_WEB / "dist" / "ort-wasm-simd-threaded.wasm",
 }
-MODEL_FILE = "model.onnx"  # the one file of the site that export.py makes rather than copies
+MODEL_FILE = "model.onnx"  # the files of the site that export.py makes rather than copies: the model,
+INSIDE_FILE = "inside.json"  # and what the page's views need beside its outputs: conv1's filters, the occlusion's patch
 # The files an export wrote into its folder, by name, with their sha256: only these does a later export replace
 # or remove. While an export is under way it also names the export's staging folder and the files it will write.
 MANIFEST = ".web-export.json"
@@ -83,14 +94,33 @@ LEGACY_SITE = {
 
 
 class Exported(nn.Module):
-    """A trained model with its normalisation in front: pixels in [0, 1] (N, 1, 28, 28) -> logits (N, 10)."""
+    """A trained model with its normalisation in front: pixels in [0, 1] (N, 1, 28, 28) -> logits (N, 10), or with
+    layers, the tuple (logits, *every layer's output), in the order of outputs()."""
 
-    def __init__(self, model: nn.Module, mean: float, std: float):
+    def __init__(self, model: nn.Module, mean: float, std: float, layers: bool = False):
         super().__init__()
-        self.model, self.mean, self.std = model, mean, std
+        self.model, self.mean, self.std, self.layers = model, mean, std, layers
 
     def forward(self, pixels):
-        return self.model(((pixels - self.mean) / self.std).contiguous(memory_format=MEMORY_FORMAT))
+        x = ((pixels - self.mean) / self.std).contiguous(memory_format=MEMORY_FORMAT)
+        if not self.layers:
+            return self.model(x)
+        layers = self.model.layers(x)
+        return tuple(layers[name].contiguous() for name in outputs(self.model))
+
+
+def outputs(model: nn.Module) -> list[str]:
+    """The web export's output names: logits, then the model's layers (conv1 and conv2, or hidden)."""
+    return ["logits", *(name for name in LAYERS if hasattr(model, "conv1") == name.startswith("conv"))]
+
+
+def inside_file(model: nn.Module, ckpt: dict) -> bytes:
+    """inside.json, what the page's views need beside the model's outputs: the model kind, the occlusion's patch
+    and stride (model.occlusion's), and for the CNN conv1's filters, 10 flat lists of 5x5 weights, row by row."""
+    inside = {"model": ckpt["model_name"], "window": OCCLUSION_WINDOW, "stride": OCCLUSION_STRIDE}
+    if hasattr(model, "conv1"):
+        inside["filters"] = model.conv1.weight.detach().float().cpu().reshape(10, 25).tolist()
+    return json.dumps(inside).encode()
 
 
 def require(fmt: str) -> None:
@@ -129,8 +159,9 @@ def metadata(path: Path, ckpt: dict, mean: float, std: float) -> dict[str, str]:
     }
 
 
-def export_onnx(wrapped: nn.Module, meta: dict[str, str]) -> bytes:
-    """The ONNX file's bytes, from torch.onnx's dynamo exporter, with a free batch size and `meta` attached."""
+def export_onnx(wrapped: nn.Module, meta: dict[str, str], names=("logits",)) -> bytes:
+    """The ONNX file's bytes, from torch.onnx's dynamo exporter, with outputs `names`, a free batch size and
+    `meta` attached."""
     example = torch.rand(2, 1, 28, 28)
     program = torch.onnx.export(
         wrapped,
@@ -139,14 +170,14 @@ def export_onnx(wrapped: nn.Module, meta: dict[str, str]) -> bytes:
         opset_version=OPSET,
         verbose=False,
         input_names=["pixels"],
-        output_names=["logits"],
+        output_names=list(names),
         dynamic_shapes={"pixels": {0: torch.export.Dim("batch", min=1)}},
     )
     proto = program.model_proto
     for key, value in meta.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
-    proto.doc_string = f"{INPUT}\n{OUTPUT}"
+    proto.doc_string = f"{INPUT}\n{meta['output']}"
     return proto.SerializeToString()
 
 
@@ -164,12 +195,16 @@ def export_pt2(wrapped: nn.Module, meta: dict[str, str]) -> bytes:
     return buffer.getvalue()
 
 
-def run_onnx(data: bytes, pixels: np.ndarray) -> torch.Tensor:
-    """Logits of the ONNX file `data` on float pixels (N, 1, 28, 28), by onnxruntime, as a user would run it."""
+def run_onnx(data: bytes, pixels: np.ndarray, names=("logits",)) -> torch.Tensor | dict[str, torch.Tensor]:
+    """Logits of the ONNX file `data` on float pixels (N, 1, 28, 28), by onnxruntime, as a user would run it; with
+    more `names`, every output so named, by name."""
     import onnxruntime
 
     session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
-    return torch.from_numpy(session.run(["logits"], {"pixels": pixels})[0])
+    results = session.run(list(names), {"pixels": pixels})
+    if list(names) == ["logits"]:
+        return torch.from_numpy(results[0])
+    return {name: torch.from_numpy(result) for name, result in zip(names, results)}
 
 
 def run_pt2(data: bytes, pixels: np.ndarray) -> torch.Tensor:
@@ -295,7 +330,7 @@ def check_site_files(folder: Path, manifest: dict) -> dict[str, str]:
         for name, digest in table.items():
             ours.setdefault(name, set()).add(digest)
     current = {}
-    for name in sorted({*SITE, MODEL_FILE, *ours}):
+    for name in sorted({*SITE, MODEL_FILE, INSIDE_FILE, *ours}):
         path = folder / name
         if not path.exists() and not path.is_symlink():
             continue
@@ -307,7 +342,7 @@ def check_site_files(folder: Path, manifest: dict) -> dict[str, str]:
         if path.is_symlink() or not path.is_file() or (digest := sha256(path)) not in ours[name]:
             raise UserError(
                 f"{path} has changed since an earlier export wrote it, and the export would "
-                f"{'overwrite' if name in SITE or name == MODEL_FILE else 'remove'} it; move it away, or pass --out "
+                f"{'overwrite' if name in {*SITE, MODEL_FILE, INSIDE_FILE} else 'remove'} it; move it away, or pass --out "
                 "with another folder"
             )
         current[name] = digest
@@ -348,8 +383,9 @@ def write_manifest(folder: Path, manifest: dict) -> None:
     )
 
 
-def write_site(folder: Path, model: bytes) -> int:
-    """Write the static site into `folder` (made if it is not there) and return the size of its files in bytes.
+def write_site(folder: Path, model: bytes, extra: dict[str, bytes] | None = None) -> int:
+    """Write the static site into `folder` (made if it is not there) and return the size of its files in bytes:
+    SITE's files, `model` as MODEL_FILE, and the other files export.py made, `extra` (INSIDE_FILE), by name.
 
     Only files that the folder's manifest proves an earlier export wrote are replaced or removed (check_site_files):
     a .git, a CNAME or a README beside them stays. The new files are staged in a folder inside `folder`, read back
@@ -359,7 +395,7 @@ def write_site(folder: Path, model: bytes) -> int:
     files of each site, each whole and each listed in the manifest, so that the next export replaces them all."""
     made = not folder.exists()
     try:
-        contents = {name: source.read_bytes() for name, source in SITE.items()} | {MODEL_FILE: model}
+        contents = {name: source.read_bytes() for name, source in SITE.items()} | {MODEL_FILE: model} | (extra or {})
         folder.mkdir(exist_ok=True)
     except OSError as e:
         raise UserError(f"could not write {folder}: {e.strerror or e}; nothing there has changed") from None
@@ -461,8 +497,10 @@ def main(argv=None) -> int:
         for fmt in ["web"] if web else formats:  # after the checks of what the user gave, which need none of it
             require(fmt)
         norm = ckpt.get("normalization", {"mean": MNIST_MEAN, "std": MNIST_STD})
-        wrapped = Exported(model, norm["mean"], norm["std"]).eval()
+        wrapped = Exported(model, norm["mean"], norm["std"], layers=web).eval()
         meta = metadata(checkpoint, ckpt, norm["mean"], norm["std"])
+        names = outputs(model) if web else ["logits"]
+        meta["output"] = "; ".join([OUTPUT, *(LAYERS[name] for name in names[1:])])
         images, labels, source = test_images(
             args.data_dir or ckpt.get("config", {}).get("data_dir") or Config().data_dir
         )
@@ -472,8 +510,13 @@ def main(argv=None) -> int:
         print(f"checkpoint: {checkpoint} ({ckpt['model_name']}, sha256 {meta['checkpoint_sha256'][:12]}...)")
         print(f"verifying on {source}: checkpoint accuracy {accuracy(reference, labels):.2%}")
         for fmt, path in paths.items():
-            data = EXPORT[fmt](wrapped, meta)
-            logits = RUN[fmt](data, pixels)
+            if web:  # model.onnx with every layer: the page's views check them against nothing else
+                data = export_onnx(wrapped, meta, names)
+                layers = run_onnx(data, pixels, names)
+                logits = layers.pop("logits")
+            else:
+                data, layers = EXPORT[fmt](wrapped, meta), {}
+                logits = RUN[fmt](data, pixels)
             difference = (logits - reference).abs().max().item()
             print(
                 f"{fmt:<5} max |logit difference| {difference:.1e} (tolerance {TOLERANCE:.0e}), "
@@ -484,10 +527,20 @@ def main(argv=None) -> int:
                     f"the exported {fmt} model's logits differ from the checkpoint's by {difference:.2e}, "
                     f"more than {TOLERANCE:.0e}; {path} was not written"
                 )
+            if layers:
+                expected = layer_outputs(model, images)  # relu(max_pool(conv(x))), as the checkpoint runs it
+                for name, output in layers.items():
+                    difference = (output - expected[name]).abs().max().item()
+                    print(f"{'':<5} max |{name} difference| {difference:.1e} (tolerance {TOLERANCE:.0e})")
+                    if not difference <= TOLERANCE:
+                        raise UserError(
+                            f"the exported model's {name} outputs differ from the checkpoint's by {difference:.2e}, "
+                            f"more than {TOLERANCE:.0e}; {site} was not written"
+                        )
             if web:
-                size = write_site(site, data)
+                size = write_site(site, data, {INSIDE_FILE: inside_file(model, ckpt)})
                 print(
-                    f"wrote {site}/ ({len(SITE) + 1} files, {size / 1e6:.1f} MB, listed in {MANIFEST}): the page "
+                    f"wrote {site}/ ({len(SITE) + 2} files, {size / 1e6:.1f} MB, listed in {MANIFEST}): the page "
                     "runs the model in the browser"
                 )
                 print(f"serve it with `python -m http.server --bind 127.0.0.1 -d {site}`, open http://127.0.0.1:8000")

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from config import UserError
-from data import normalize
+from data import MNIST_MEAN, MNIST_STD, normalize
 from digits import prepare_digit
 from rundir import atomic_write
 
@@ -29,13 +29,21 @@ class CNN(nn.Module):
     def __init__(self):
         super().__init__()
         self.conv1 = nn.Conv2d(1, 10, kernel_size=5)
+        # Pooling and ReLU as modules, so that a forward hook sees each stage as the post draws it (a hook on a
+        # conv sees its maps before pooling). They hold no parameters: a checkpoint saved before still loads.
+        self.pool1, self.relu1 = nn.MaxPool2d(2), nn.ReLU()
         self.conv2 = nn.Conv2d(10, 20, kernel_size=5)
+        self.pool2, self.relu2 = nn.MaxPool2d(2), nn.ReLU()
         self.fc = nn.Linear(320, 10)
 
-    def forward(self, x):  # (B, 1, 28, 28)
-        x = F.relu(F.max_pool2d(self.conv1(x), 2))  # (B, 10, 12, 12)
-        x = F.relu(F.max_pool2d(self.conv2(x), 2))  # (B, 20, 4, 4)
-        return self.fc(x.flatten(1))  # (B, 10) logits
+    def layers(self, x) -> dict[str, torch.Tensor]:  # (B, 1, 28, 28)
+        """Every stage's output: conv1 and conv2 after pooling and ReLU, and the logits."""
+        conv1 = self.relu1(self.pool1(self.conv1(x)))  # (B, 10, 12, 12)
+        conv2 = self.relu2(self.pool2(self.conv2(conv1)))  # (B, 20, 4, 4)
+        return {"conv1": conv1, "conv2": conv2, "logits": self.fc(conv2.flatten(1))}  # logits (B, 10)
+
+    def forward(self, x):
+        return self.layers(x)["logits"]
 
 
 class FCNN(nn.Module):
@@ -44,10 +52,16 @@ class FCNN(nn.Module):
     def __init__(self, hidden: int = 256):
         super().__init__()
         self.fc1 = nn.Linear(28 * 28, hidden)
+        self.relu = nn.ReLU()  # no parameters, as in CNN
         self.fc2 = nn.Linear(hidden, 10)
 
-    def forward(self, x):  # (B, 1, 28, 28)
-        return self.fc2(F.relu(self.fc1(x.flatten(1))))  # (B, 10) logits
+    def layers(self, x) -> dict[str, torch.Tensor]:  # (B, 1, 28, 28)
+        """The hidden layer after ReLU (B, hidden), and the logits (B, 10)."""
+        hidden = self.relu(self.fc1(x.flatten(1)))
+        return {"hidden": hidden, "logits": self.fc2(hidden)}
+
+    def forward(self, x):
+        return self.layers(x)["logits"]
 
 
 MODELS = {"cnn": CNN, "fcnn": FCNN}
@@ -212,6 +226,53 @@ def model_logits(model: nn.Module, pixels: torch.Tensor, batch_size: int = 500) 
             for i in range(0, max(len(pixels), 1), batch_size)
         ]
     )
+
+
+@torch.inference_mode()
+def layer_outputs(model: nn.Module, pixels: torch.Tensor, batch_size: int = 500) -> dict[str, torch.Tensor]:
+    """Every layer's output for uint8 digits (N, 28, 28), normalised as in training, float32 on the CPU.
+
+    CNN: conv1 (N, 10, 12, 12) and conv2 (N, 20, 4, 4), each after pooling and ReLU, and logits (N, 10);
+    FCNN: hidden (N, hidden) after ReLU, and logits. The same forward pass that predict() runs."""
+    model.eval()
+    device = next(model.parameters()).device
+    batches = [
+        model.layers(normalize(pixels[i : i + batch_size].to(device)).contiguous(memory_format=MEMORY_FORMAT))
+        for i in range(0, max(len(pixels), 1), batch_size)
+    ]
+    return {name: torch.cat([b[name].float().cpu() for b in batches]).contiguous() for name in batches[0]}
+
+
+# What the answer rests on, by occlusion: a WINDOW x WINDOW patch of the digit is set to paper (0) at every
+# STRIDE pixels, and the drop in the chosen digit's logit is shared among the patch's pixels. A 4-pixel patch
+# is about a stroke and a half wide, so covering it can remove a stroke; stride 2 gives 13 x 13 = 169 patches.
+OCCLUSION_WINDOW = 4
+OCCLUSION_STRIDE = 2
+
+
+@torch.inference_mode()
+def occlusion(
+    model: nn.Module, digit: torch.Tensor, target: int, window: int = OCCLUSION_WINDOW, stride: int = OCCLUSION_STRIDE
+) -> torch.Tensor:
+    """How much each pixel of a uint8 digit (28, 28) raised (+) or lowered (-) the logit of `target`: float (28, 28).
+
+    Computed in pixel space, on [0, 1] pixels where 0 is paper (the exported graph's input), as Captum's
+    Occlusion computes it with baselines=0: for each pixel, the mean over the patches that cover it of
+    logit(digit) - logit(digit with the patch set to 0)."""
+    if (28 - window) % stride:
+        raise ValueError(f"patches of {window} at stride {stride} do not cover the 28 pixels evenly")
+    model.eval()
+    device = next(model.parameters()).device
+    starts = range(0, 28 - window + 1, stride)
+    masks = torch.zeros(len(starts) ** 2, 28, 28)
+    for k, (top, left) in enumerate((top, left) for top in starts for left in starts):
+        masks[k, top : top + window, left : left + window] = 1
+    pixels = digit.float().reshape(1, 28, 28) / 255
+    batch = torch.cat([pixels, pixels * (1 - masks)])  # the digit, then each patch covered
+    inputs = ((batch.unsqueeze(1) - MNIST_MEAN) / MNIST_STD).to(device).contiguous(memory_format=MEMORY_FORMAT)
+    scores = model(inputs)[:, target].float().cpu()
+    drops = scores[0] - scores[1:]
+    return (drops[:, None, None] * masks).sum(0) / masks.sum(0)
 
 
 def predict(model: nn.Module, images, batch_size: int = 500, prepare: bool = True) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,15 +11,15 @@ const classifier = {
   where: "The network runs on the server that serves this page (python demo.py).",
   photos: true, // the server reads photos: prepare_digit's background removal and threshold are in Python
 
-  // The answer ({digit, confidence, probabilities, prepared}) for the pad's drawing, or for `photo` when it is
-  // given; throws an Error whose message is the line to show.
-  async classify(pad, photo) {
+  // The answer ({digit, confidence, probabilities, prepared, inside}) for the pad's drawing, or for `photo` when it is
+  // given, with inside (every layer) if asked; throws an Error whose message is the line to show.
+  async classify(pad, photo, inside) {
     const image = photo ? await shrink(photo) : await new Promise((resolve) => pad.toBlob(resolve, "image/png"));
     const form = new FormData();
     form.append("image", image, photo ? photo.name : "pad.png");
     let response;
     try {
-      response = await fetch("predict", { method: "POST", body: form });
+      response = await fetch(inside ? "predict?inside=1" : "predict", { method: "POST", body: form });
     } catch (err) {
       throw new Error("the demo server cannot be reached: is `python demo.py` still running?");
     }

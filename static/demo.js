@@ -96,9 +96,15 @@ async function send() {
   dirty = false;
   inFlight = true;
   const asked = generation;
+  const started = performance.now();
   try {
-    const answer = await classifier.classify(pad, photo);  // classify.js: the server's, or the browser's
-    if (asked === generation) show(answer);
+    // classify.js: the server's, or the browser's; every layer only while the views are open
+    const answer = await classifier.classify(pad, photo, insideBox.open);
+    if (asked === generation) {
+      show(answer);
+      // the time of this update, from the pad's pixels to every view drawn: for people and for the benchmark
+      prediction.dataset.ms = (performance.now() - started).toFixed(1);
+    }
   } catch (err) {
     if (asked === generation) showError(err.message);
   } finally {
@@ -116,6 +122,7 @@ function show(answer) {
   prepared.classList.add("shown");
   message.textContent = "";
   setBars(answer.probabilities, answer.digit);
+  showInside(answer.inside, answer.probabilities);
 }
 
 function showError(text) {
@@ -125,6 +132,7 @@ function showError(text) {
   prepared.classList.remove("shown");
   message.textContent = text.charAt(0).toUpperCase() + text.slice(1);
   setBars(null);
+  showInside(null);
 }
 
 function setBars(probabilities, best) {
@@ -153,9 +161,140 @@ function clearPad() {
   prepared.removeAttribute("src");
   message.textContent = "";
   setBars(null);
+  showInside(null);
 }
 
 document.getElementById("clear").addEventListener("click", clearPad);
+
+// --- inside the network: every layer's output for this digit, from the answer's "inside" ---------------------
+// The server sends it (POST /predict?inside=1, demo.inside), the static page's worker computes it with the
+// exported model: {model, logits, input_map, window, stride} and conv1, conv2, filters (CNN) or hidden (FCNN).
+
+const views = document.getElementById("views");
+const insideBox = document.getElementById("inside");
+const EMPTY = views.innerHTML;
+// On a phone the views start folded, so that the pad stays on the screen under the answer.
+if (window.matchMedia("(max-width: 640px)").matches) insideBox.open = false;
+let builtFor = null; // the model kind whose views are in the page, so they are built once, then only repainted
+// Folded views are neither asked for nor drawn (a phone pays nothing for them while drawing); opened, they ask
+// for the digit on the pad again.
+insideBox.addEventListener("toggle", () => {
+  if (insideBox.open && !empty) changed();
+});
+
+// One view: a title and a sentence saying what it shows, then `count` canvases of w x h pixels, each with
+// data-layer and data-channel, which tests and people use to find a map.
+function addView(layer, title, sentence, count, w, h) {
+  const figure = document.createElement("figure");
+  figure.className = `view view-${layer}`;
+  const caption = document.createElement("figcaption");
+  const strong = document.createElement("strong");
+  strong.textContent = title;
+  caption.append(strong, " ", sentence);
+  const maps = document.createElement("div");
+  maps.className = "maps";
+  for (let c = 0; c < count; c++) {
+    const canvas = document.createElement("canvas");
+    canvas.width = w;
+    canvas.height = h;
+    canvas.dataset.layer = layer;
+    canvas.dataset.channel = c;
+    canvas.setAttribute("role", "img");
+    canvas.setAttribute("aria-label", count > 1 ? `${title}: ${c + 1} of ${count}` : title);
+    maps.appendChild(canvas);
+  }
+  figure.append(caption, maps);
+  views.appendChild(figure);
+  return figure;
+}
+
+function buildViews(inside) {
+  views.textContent = "";
+  const patch = `${inside.window} × ${inside.window}`;
+  addView("input-map", "What the answer rests on.", `Each ${patch} patch of the 28 × 28 digit was covered ` +
+    `with paper in turn: red pixels raised the chosen digit's score, blue ones lowered it.`, 1, 28, 28);
+  if (inside.model === "cnn") {
+    addView("conv1", "Layer 1: 10 feature maps, 12 × 12.", "Each of the first layer's 10 filters slides over " +
+      "the digit and lights up where it finds its pattern; pooling keeps the strongest of each 2 × 2.", 10, 12, 12);
+    addView("conv2", "Layer 2: 20 feature maps, 4 × 4.", "The second layer combines those maps and compresses " +
+      "the digit into 20 small features: these 320 numbers are all the last layer reads.", 20, 4, 4);
+  } else {
+    const units = inside.hidden.length;
+    const note = document.createElement("p");
+    note.className = "no-maps";
+    note.textContent = "This is the fully connected network: it has no feature maps and no filters, because " +
+      `each of its ${units} hidden units weighs all 784 pixels at once.`;
+    views.appendChild(note);
+    addView("hidden", `Its hidden layer: ${units} units.`, "One square per unit, in order, after ReLU.",
+      1, 16, Math.ceil(units / 16));
+  }
+  const scores = document.createElement("figure");
+  scores.className = "view view-logits";
+  scores.innerHTML = "<figcaption><strong>The ten scores (logits).</strong> The last layer gives one score per " +
+    "digit; softmax turns the scores into the probabilities above.</figcaption><ol class=\"logits\"></ol>";
+  for (let d = 0; d < 10; d++) {
+    const li = document.createElement("li");
+    li.dataset.layer = "logits";
+    li.dataset.channel = d;
+    li.innerHTML = `<span class="digit">${d}</span><span class="logit"></span><span class="prob"></span>`;
+    scores.querySelector("ol").appendChild(li);
+  }
+  views.appendChild(scores);
+  if (inside.model === "cnn") {
+    addView("filters", "Layer 1's 10 filters, 5 × 5.", "The weights it learned in training: where a filter is " +
+      "red, ink raises its map; where blue, ink lowers it.", 10, 5, 5);
+  }
+  builtFor = inside.model;
+}
+
+// One map on its canvas. Activations (after ReLU, never below 0) are grey: black 0, white `scale`. Signed values
+// (weights, the input map) are red above 0 and blue below, white at 0. The scale is written on the canvas.
+function paint(canvas, values, scale, signed) {
+  const context = canvas.getContext("2d");
+  const image = context.createImageData(canvas.width, canvas.height);
+  for (let i = 0; i < values.length; i++) {
+    const v = values[i];
+    const a = Math.min(255, Math.round((255 * Math.abs(v)) / scale));
+    const rgb = !signed ? [a, a, a] : v >= 0 ? [255, 255 - a, 255 - a] : [255 - a, 255 - a, 255];
+    image.data.set([...rgb, 255], 4 * i);
+  }
+  context.putImageData(image, 0, 0);
+  canvas.dataset.scale = scale;
+}
+
+// The largest |value| of a layer's maps, so one scale serves all of them (1 when all are 0).
+function scaleOf(maps) {
+  let most = 0;
+  for (const map of maps) for (const v of map) most = Math.max(most, Math.abs(v));
+  return most || 1;
+}
+
+function paintLayer(layer, maps, signed) {
+  const scale = scaleOf(maps);
+  views.querySelectorAll(`canvas[data-layer="${layer}"]`).forEach((canvas, c) => paint(canvas, maps[c], scale, signed));
+}
+
+function showInside(inside, probabilities) {
+  if (!inside) {
+    views.innerHTML = EMPTY;
+    builtFor = null;
+    return;
+  }
+  if (builtFor !== inside.model) buildViews(inside);
+  paintLayer("input-map", [inside.input_map], true);
+  if (inside.model === "cnn") {
+    paintLayer("conv1", inside.conv1, false);
+    paintLayer("conv2", inside.conv2, false);
+    paintLayer("filters", inside.filters, true);
+  } else {
+    paintLayer("hidden", [inside.hidden], false);
+  }
+  views.querySelectorAll('li[data-layer="logits"]').forEach((li, d) => {
+    li.dataset.value = inside.logits[d];
+    li.querySelector(".logit").textContent = inside.logits[d].toFixed(2);
+    li.querySelector(".prob").textContent = `${(probabilities[d] * 100).toFixed(1)}%`;
+  });
+}
 
 // --- photos: the upload button, or a file dropped anywhere on the page -------------------------
 

@@ -149,7 +149,7 @@ def test_an_answer_that_is_not_json_shows_the_status(synthetic_page, tmp_path):
     """A reply that is no JSON (a proxy's or a crashed server's page) shows its status, not a parse failure."""
     page = synthetic_page
     page.click("#clear")
-    page.route("**/predict", lambda route: route.fulfill(status=502, body="Bad Gateway", content_type="text/html"))
+    page.route("**/predict*", lambda route: route.fulfill(status=502, body="Bad Gateway", content_type="text/html"))
     try:
         photo = tmp_path / "seven.png"
         Image.new("L", (200, 200), 255).save(photo)
@@ -157,7 +157,7 @@ def test_an_answer_that_is_not_json_shows_the_status(synthetic_page, tmp_path):
         assert answer(page) == ""
         assert "The server answered 502" in page.text_content("#message")
     finally:
-        page.unroute("**/predict")
+        page.unroute("**/predict*")
 
 
 def test_a_large_photo_is_scaled_down_in_the_browser_before_it_is_sent(synthetic_page, tmp_path):

@@ -107,7 +107,7 @@ def test_the_site_holds_the_pages_files_and_a_manifest_of_them(run_export, train
     result = run_export(checkpoint_in(trained_run, tmp_path / "run"), "--format", "web", "--out", tmp_path / "web")
     assert result.returncode == 0, result.stderr
     names = {p.name for p in (tmp_path / "web").iterdir()}
-    assert names == {*export.SITE, export.MODEL_FILE, export.MANIFEST}
+    assert names == {*export.SITE, export.MODEL_FILE, export.INSIDE_FILE, export.MANIFEST}
     assert not any(name.endswith((".mjs", ".map")) or "jsep" in name or "webgpu" in name for name in names)
     assert (tmp_path / "web" / "index.html").read_bytes() == (export.STATIC / "index.html").read_bytes()
     manifest = json.loads((tmp_path / "web" / export.MANIFEST).read_text())
@@ -341,3 +341,58 @@ def test_an_export_killed_under_way_leaves_whole_files_and_the_next_one_finishes
         }
     export.write_site(tmp_path, b"model 2")
     assert files(tmp_path) == users | new | {export.MANIFEST: (tmp_path / export.MANIFEST).read_bytes()}
+
+
+# --- the views of the network's inside -------------------------------------------------------
+
+
+def test_the_sites_model_gives_every_layer_and_inside_json_the_filters(run_export, trained_run, tmp_path):
+    """The site's model.onnx outputs logits, conv1 and conv2 by name, each layer_outputs' on the same digits, and
+    says so in its metadata; inside.json holds conv1's weights and the occlusion's patch, and the manifest lists it."""
+    import numpy as np
+    import onnx
+    import onnxruntime
+    import torch
+
+    from model import OCCLUSION_STRIDE, OCCLUSION_WINDOW, layer_outputs, load_checkpoint
+
+    needs_onnxruntime_web()
+    checkpoint = checkpoint_in(trained_run, tmp_path / "run")
+    result = run_export(checkpoint, "--format", "web", "--out", tmp_path / "web")
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"max \|conv1 difference\| \S+ \(tolerance 1e-04\)", result.stdout)
+    assert re.search(r"max \|conv2 difference\| \S+ \(tolerance 1e-04\)", result.stdout)
+    proto = onnx.load(tmp_path / "web" / export.MODEL_FILE)
+    assert [o.name for o in proto.graph.output] == ["logits", "conv1", "conv2"]
+    output = {p.key: p.value for p in proto.metadata_props}["output"]
+    assert "conv1: float32 (N, 10, 12, 12)" in output and "conv2: float32 (N, 20, 4, 4)" in output
+    model = load_checkpoint(checkpoint)[0]
+    digits = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (3, 28, 28), dtype=np.uint8))
+    session = onnxruntime.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"pixels": (digits.unsqueeze(1).float() / 255).numpy()})
+    expected = layer_outputs(model, digits)
+    for name, value in zip(["logits", "conv1", "conv2"], got):
+        assert np.allclose(value, expected[name].numpy(), atol=export.TOLERANCE), name
+    inside = json.loads((tmp_path / "web" / export.INSIDE_FILE).read_text())
+    assert inside["model"] == "cnn" and (inside["window"], inside["stride"]) == (OCCLUSION_WINDOW, OCCLUSION_STRIDE)
+    assert np.allclose(inside["filters"], model.conv1.weight.detach().reshape(10, 25).numpy())
+    manifest = json.loads((tmp_path / "web" / export.MANIFEST).read_text())
+    assert manifest["files"][export.INSIDE_FILE] == export.sha256(tmp_path / "web" / export.INSIDE_FILE)
+
+
+def test_a_site_whose_maps_disagree_is_not_written(run_export, trained_run, tmp_path, monkeypatch):
+    """If the exported conv2 maps differ from the checkpoint's by more than the tolerance, the export fails in one
+    line naming them, and no site is written."""
+    needs_onnxruntime_web()
+    real = export.layer_outputs
+
+    def shifted(model, images):
+        layers = real(model, images)
+        return layers | {"conv2": layers["conv2"] + 0.5}
+
+    monkeypatch.setattr(export, "layer_outputs", shifted)
+    result = run_export(checkpoint_in(trained_run, tmp_path / "run"), "--format", "web")
+    using, line = result.stderr.splitlines()  # the checkpoint it exported, then why nothing was written
+    assert result.returncode == 2 and using.startswith("using ") and line.startswith("error: ")
+    assert "conv2 outputs differ from the checkpoint's by 5.00e-01, more than 1e-04" in line and "not written" in line
+    assert not (tmp_path / "run" / "web").exists()

@@ -107,7 +107,7 @@ def test_a_drawing_is_read_with_files_of_the_pages_own_folder_only(synthetic_sit
     assert {(u.scheme, u.netloc) for u in asked} == {(origin.scheme, origin.netloc)}, [r.url for r in page.requests]
     assert {r.method for r in page.requests} == {"GET"}
     files = {"index.html" if u.path == "/" else u.path.lstrip("/") for u in asked}
-    assert files == {*export.SITE, export.MODEL_FILE}
+    assert files == {*export.SITE, export.MODEL_FILE, export.INSIDE_FILE}
 
 
 def test_a_page_opened_as_a_file_says_to_serve_it(browser, synthetic_site):

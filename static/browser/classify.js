@@ -11,25 +11,25 @@ const classifier = {
   waiting: new Map(), // request id -> the promise's resolve and reject
   asked: 0,
 
-  // The answer ({digit, confidence, probabilities, prepared, ms}) for the pad's drawing; throws an Error whose
-  // message is the line to show.
-  classify(pad) {
+  // The answer ({digit, confidence, probabilities, prepared, inside, ms}) for the pad's drawing, with inside (every
+  // layer) if asked; throws an Error whose message is the line to show.
+  classify(pad, photo, inside) {
     const image = pad.getContext("2d").getImageData(0, 0, pad.width, pad.height);
     const id = ++this.asked;
     return new Promise((resolve, reject) => {
       this.waiting.set(id, { resolve, reject });
-      this.worker.postMessage({ id, image }, [image.data.buffer]);
+      this.worker.postMessage({ id, image, inside }, [image.data.buffer]);
     }).then(answer);
   },
 };
 
-function answer({ digit, logits, ms }) {
+function answer({ digit, logits, inside, ms }) {
   const most = Math.max(...logits);
   const exp = logits.map((z) => Math.exp(z - most));
   const sum = exp.reduce((a, b) => a + b);
   const probabilities = exp.map((e) => e / sum);
   const best = logits.indexOf(most);
-  return { digit: best, confidence: probabilities[best], probabilities, prepared: pngOf(digit), ms };
+  return { digit: best, confidence: probabilities[best], probabilities, prepared: pngOf(digit), inside, ms };
 }
 
 // 784 uint8 values -> a PNG data URL of the 28x28 digit, for #prepared
