@@ -50,7 +50,13 @@ N_TRAIN, N_TEST = 600, 200
 # The inner loop, `python -m pytest -q -m "not slow"`, runs every module's own tests in about a minute and leaves out
 # the tests that need what takes long to start or to run: real MNIST (they train on it), a browser, torchrun's
 # processes, network namespaces. CI runs them all. Whole files here; single tests elsewhere carry the mark.
-SLOW_FILES = {"test_demo_browser.py", "test_web_browser.py", "test_distributed.py", "test_hosts.py"}
+SLOW_FILES = {
+    "test_demo_browser.py",
+    "test_web_browser.py",
+    "test_inside_browser.py",
+    "test_distributed.py",
+    "test_hosts.py",
+}
 
 
 def pytest_collection_modifyitems(items):
@@ -305,11 +311,16 @@ class FolderHandler(http.server.SimpleHTTPRequestHandler):
             super().handle()
 
 
-@contextlib.contextmanager
 def serve_folder(folder, counts: dict | None = None):
     """Serve `folder` as `python -m http.server -d folder` does, on a free port of 127.0.0.1, from a thread, and
     yield its URL; count the GET requests for each path in `counts`."""
-    handler = functools.partial(FolderHandler, directory=str(folder), counts={} if counts is None else counts)
+    return serve_with(functools.partial(FolderHandler, directory=str(folder), counts={} if counts is None else counts))
+
+
+@contextlib.contextmanager
+def serve_with(handler):
+    """Serve HTTP with `handler`, a request handler class or partial, on a free port of 127.0.0.1, from a thread;
+    yield its URL."""
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:

@@ -19,7 +19,7 @@ def captum_occlusion(model, digit: np.ndarray, target: int) -> np.ndarray:
     """Captum's Occlusion of `target`'s logit on [0, 1] pixels (0 is paper), with the pages' window and stride."""
     from captum.attr import Occlusion
 
-    pixels = torch.from_numpy(digit).float().reshape(1, 1, 28, 28) / 255
+    pixels = torch.tensor(digit, dtype=torch.float32).reshape(1, 1, 28, 28) / 255  # a copy: the digit may be read-only
     window, stride = (1, OCCLUSION_WINDOW, OCCLUSION_WINDOW), (1, OCCLUSION_STRIDE, OCCLUSION_STRIDE)
     with torch.no_grad():
         attribution = Occlusion(lambda p: model(normalize(p * 255).squeeze(1))).attribute(

@@ -16,7 +16,6 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import threading
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -28,7 +27,7 @@ from PIL import Image
 
 import export
 import test_demo_browser
-from conftest import missing_tool, needs_real_data, serve_folder
+from conftest import missing_tool, needs_real_data, serve_folder, serve_with
 from drawn_digits import answer, draw, draw_digit, serve
 from test_demo_browser import DRAWINGS, open_page
 from test_web import needs_onnxruntime_web
@@ -204,17 +203,9 @@ class Misconfigured(http.server.SimpleHTTPRequestHandler):
         pass
 
 
-@contextlib.contextmanager
 def misconfigured(folder, missing=(), types=None):
     """Serve `folder` with the Misconfigured handler on a free port of 127.0.0.1, from a thread; yield its URL."""
-    handler = functools.partial(Misconfigured, directory=str(folder), missing=missing, types=types)
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}/"
-    finally:
-        server.shutdown()
-        server.server_close()
+    return serve_with(functools.partial(Misconfigured, directory=str(folder), missing=missing, types=types))
 
 
 @pytest.mark.parametrize(
