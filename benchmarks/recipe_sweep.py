@@ -19,7 +19,6 @@ accuracy below 50%, or stopped by train.py as dead), the worst and the median te
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -61,7 +60,8 @@ def cores(row) -> int:
 
 
 def folder(row, seed: int) -> str:
-    return f"{ROWS.index(row):02d}-s{seed}"
+    """A new run folder's name for each start: a stopped sweep's runs keep theirs, and nothing is deleted."""
+    return f"{ROWS.index(row):02d}-s{seed}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def key(row: str, seed: int) -> str:
@@ -113,7 +113,6 @@ def sweep(args) -> None:
         if todo and sum(cores(row) for row, *_ in running) + cores(todo[0][0]) <= 2:
             row, seed = todo.pop(0)
             cmd, env = command(row, seed, args)
-            shutil.rmtree(args.out_dir / "runs" / folder(row, seed), ignore_errors=True)  # left by a stopped sweep
             proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             running.append((row, seed, proc, time.perf_counter()))
             continue

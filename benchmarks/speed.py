@@ -20,7 +20,6 @@ two pipelines are compared within the same run, because this machine is shared a
 import argparse
 import math
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -415,6 +414,10 @@ def main() -> None:
     )
     parser.add_argument("--busy", action="store_true", help="measure only 1 thread against the default, idle and busy")
     args = parser.parse_args()
+    # Each call trains into a new folder of its own inside --out-dir (whole_run finds each run's best.pt there), so
+    # that nothing already in --out-dir, an earlier call's runs or a user's, is read or removed.
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    args.out_dir = Path(tempfile.mkdtemp(prefix=time.strftime("speed-%Y%m%d-%H%M%S-"), dir=args.out_dir))
 
     if args.busy:
         print_table(busy_rows(args.data_dir, args.repeats))
@@ -423,7 +426,6 @@ def main() -> None:
         print_table(factor_rows(args.data_dir, args.repeats))
         return
     if args.baseline:
-        shutil.rmtree(args.out_dir, ignore_errors=True)  # whole_run finds each run's best.pt in its own out dir
         print_table(baseline_rows(args.baseline, args.data_dir, args.out_dir, args.seeds))
         return
     if args.ddp:
