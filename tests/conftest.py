@@ -47,7 +47,7 @@ def needs_real_data(test):
 
 N_TRAIN, N_TEST = 600, 200
 
-# The inner loop, `python -m pytest -q -m "not slow"`, runs every module's own tests in about a minute and leaves out
+# The inner loop, `python -m pytest -q -n auto -m "not slow"`, runs every module's own tests in about a minute and leaves out
 # the tests that need what takes long to start or to run: real MNIST (they train on it), a browser, torchrun's
 # processes, network namespaces. CI runs them all. Whole files here; single tests elsewhere carry the mark.
 SLOW_FILES = {
