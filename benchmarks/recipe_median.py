@@ -112,7 +112,7 @@ def sweep(args) -> None:
             line = outcome(name, seed, threads, proc, run_dir, time.perf_counter() - began, args)
             with results.open("a") as f:
                 f.write(json.dumps(line) + "\n")
-            said = err.strip().splitlines()[-1:] if proc.returncode else []
+            said = (err.strip().splitlines() or [f"exit {proc.returncode}"])[-1]  # a dead run's error line
             acc = f"val {line['best_val_acc']:.2%}, test {line['test_acc']:.2%}" if line["test_acc"] else said
             print(f"{line['key']}: {acc} in {line['seconds']:.0f} s", file=sys.stderr, flush=True)
             break
