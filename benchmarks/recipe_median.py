@@ -27,6 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from recipe_sweep import run_on_two_cores
+
 from config import Config
 
 SEEDS = (0, 1, 2)
@@ -50,7 +52,7 @@ def key(name: str, seed: int, threads: int) -> str:
     return f"{name} | seed {seed} | {threads} thread{'s' * (threads > 1)}"
 
 
-def start(name: str, seed: int, threads: int, args) -> tuple[subprocess.Popen, Path]:
+def start(name: str, seed: int, threads: int, args) -> subprocess.Popen:
     """Start one run of a candidate in a new folder under OUT_DIR/runs (a stopped sweep's runs keep theirs)."""
     run_name = f"{list(CANDIDATES).index(name):02d}-s{seed}-t{threads}-{time.strftime('%Y%m%d-%H%M%S')}"
     cmd = [
@@ -63,12 +65,12 @@ def start(name: str, seed: int, threads: int, args) -> tuple[subprocess.Popen, P
     # Passive: a thread that waits for the others sleeps instead of spinning, which changes no result (the work is
     # split the same way) but keeps two-thread runs from crawling when other work shares the cores.
     env = {**os.environ, **ISA[args.isa], "OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE"}
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    return proc, args.out_dir / "runs" / run_name
+    return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def outcome(name: str, seed: int, threads: int, proc: subprocess.Popen, run_dir: Path, seconds: float, args) -> dict:
+def outcome(name: str, seed: int, threads: int, proc: subprocess.Popen, seconds: float, args) -> dict:
     """One JSON line: best validation and test accuracy from the run's metrics.json (None for a dead run)."""
+    run_dir = Path(proc.args[proc.args.index("--out-dir") + 1]) / proc.args[proc.args.index("--run-name") + 1]
     record = json.loads((run_dir / "metrics.json").read_text()) if proc.returncode == 0 else {}
     return {
         "key": key(name, seed, threads),
@@ -95,29 +97,16 @@ def sweep(args) -> None:
         for name in args.candidates
         if key(name, seed, threads) not in done
     ]
-    running = []  # (name, seed, threads, process, run folder, start)
-    while todo or running:
-        if todo and sum(job[2] for job in running) + todo[0][2] <= 2:
-            name, seed, threads = todo.pop(0)
-            running.append((name, seed, threads, *start(name, seed, threads, args), time.perf_counter()))
-            continue
-        for job in running:
-            name, seed, threads, proc, run_dir, began = job
-            if proc.poll() is None:
-                continue
-            _, err = proc.communicate()
-            running.remove(job)
-            if proc.returncode < 0:  # killed by a signal, as when the sweep is stopped: run it again next time
-                break
-            line = outcome(name, seed, threads, proc, run_dir, time.perf_counter() - began, args)
-            with results.open("a") as f:
-                f.write(json.dumps(line) + "\n")
-            said = (err.strip().splitlines() or [f"exit {proc.returncode}"])[-1]  # a dead run's error line
-            acc = f"val {line['best_val_acc']:.2%}, test {line['test_acc']:.2%}" if line["test_acc"] else said
-            print(f"{line['key']}: {acc} in {line['seconds']:.0f} s", file=sys.stderr, flush=True)
-            break
-        else:
-            time.sleep(0.5)
+
+    def finished(job, proc, out, err, seconds) -> None:
+        line = outcome(*job, proc, seconds, args)
+        with results.open("a") as f:
+            f.write(json.dumps(line) + "\n")
+        said = (err.strip().splitlines() or [f"exit {proc.returncode}"])[-1]  # a dead run's error line
+        acc = f"val {line['best_val_acc']:.2%}, test {line['test_acc']:.2%}" if line["test_acc"] else said
+        print(f"{line['key']}: {acc} in {line['seconds']:.0f} s", file=sys.stderr, flush=True)
+
+    run_on_two_cores(todo, lambda job: job[2], lambda job: start(*job, args), finished)
 
 
 def table(results: Path) -> str:

@@ -108,30 +108,42 @@ def sweep(args) -> None:
     todo = [(row, seed) for row in ROWS if row[0] in args.rows for seed in args.seeds if key(row[0], seed) not in done]
     # Seed by seed, the long rows (4 and 8 epochs) last: a sweep stopped early holds every short row alike.
     todo.sort(key=lambda job: (epochs(job[0][1]) >= 4, job[1], cores(job[0]), epochs(job[0][1])))
-    running = []  # (row, seed, process, start)
+
+    def start(job) -> subprocess.Popen:
+        cmd, env = command(*job, args)
+        return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def finished(job, proc, out, err, seconds) -> None:
+        result = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+        line = outcome(*job, result, seconds, args)
+        with results.open("a") as f:
+            f.write(json.dumps(line) + "\n")
+        acc = "dead" if line["test_acc"] is None else f"{line['test_acc']:.2%}"
+        print(f"{line['key']}: {acc} in {line['seconds']:.0f} s", file=sys.stderr, flush=True)
+
+    run_on_two_cores(todo, lambda job: cores(job[0]), start, finished)
+
+
+def run_on_two_cores(todo: list, cores, start, finished) -> None:
+    """Run the jobs of `todo` in order, as many at once as two cores hold (cores(job) each, 1 or 2).
+
+    start(job) starts a job's process; finished(job, process, stdout, stderr, seconds) takes each that ended by
+    itself. One killed by a signal, as when the sweep is stopped, is left out, for the next call to run again."""
+    running = []  # (job, process, start)
     while todo or running:
-        if todo and sum(cores(row) for row, *_ in running) + cores(todo[0][0]) <= 2:
-            row, seed = todo.pop(0)
-            cmd, env = command(row, seed, args)
-            proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            running.append((row, seed, proc, time.perf_counter()))
+        if todo and sum(cores(job) for job, *_ in running) + cores(todo[0]) <= 2:
+            job = todo.pop(0)
+            running.append((job, start(job), time.perf_counter()))
             continue
-        for job in running:
-            row, seed, proc, start = job
-            if proc.poll() is not None:
-                out, err = proc.communicate()
-                running.remove(job)
-                if proc.returncode < 0:  # killed by a signal, as when the sweep is stopped: run it again next time
-                    break
-                result = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-                line = outcome(row, seed, result, time.perf_counter() - start, args)
-                with results.open("a") as f:
-                    f.write(json.dumps(line) + "\n")
-                acc = "dead" if line["test_acc"] is None else f"{line['test_acc']:.2%}"
-                print(f"{line['key']}: {acc} in {line['seconds']:.0f} s", file=sys.stderr, flush=True)
-                break
-        else:
+        ended = next((entry for entry in running if entry[1].poll() is not None), None)
+        if ended is None:
             time.sleep(0.5)
+            continue
+        running.remove(ended)
+        job, proc, began = ended
+        out, err = proc.communicate()
+        if proc.returncode >= 0:
+            finished(job, proc, out, err, time.perf_counter() - began)
 
 
 def table(results: Path) -> str:
